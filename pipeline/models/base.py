@@ -1,0 +1,116 @@
+"""The contract every GAN family implements for the one training engine.
+
+A family owns its networks, its config dataclass and its losses; nothing else. The engine
+(`pipeline/training/step.py`, `loop.py`) owns requires_grad toggling, n_critic, optimizer and
+scheduler steps, gradient clipping, the NaN guard, autocast, EMA, checkpoints and sample grids,
+and never knows which GAN it trains.
+
+Per iteration the engine does:
+    fakes = family.forward_g(batch)                  # once; reused by both phases
+    d_loss, d_stats = family.d_loss(batch, detach(fakes))   # D params trainable, G frozen
+    [every n_critic-th iteration]
+    g_loss, g_stats = family.g_loss(batch, fakes)    # G params trainable, D frozen
+
+Batches are dicts of tensors, images in [-1, 1], shape (B, C, H, W); which keys exist depends
+on `data_kind`:
+    labelled:  image, label (B,) long, mask (B, 1, H, W) in {0, 1}
+    paired:    a (clean), b (defective, same surface), mask, label
+    unpaired:  a (normal pool), b (defect pool), label_b, mask_b
+Class index 0 is always `normal`; `DataSpec.classes[k]` names class k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+Stats = dict[str, float]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a family needs to know about its data to build its networks."""
+
+    resolution: int
+    channels: int
+    classes: tuple[str, ...]   # classes[0] == "normal"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class GANFamily(nn.Module):
+    """Base class. Subclasses set `name`, `Config`, `data_kind` and implement the methods below."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    data_kind: ClassVar[Literal["labelled", "paired", "unpaired"]]
+
+    def __init__(self, cfg, spec: DataSpec):
+        super().__init__()
+        self.cfg = cfg
+        self.spec = spec
+
+    # ---- networks -------------------------------------------------------------------------
+    def generators(self) -> dict[str, nn.Module]:
+        """Trainable generator networks by name (e.g. {'G': ..., 'F': ...}). EMA copies are made of these."""
+        raise NotImplementedError
+
+    def discriminators(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def make_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """(generator optimizer, discriminator optimizer) over all G / all D params."""
+        raise NotImplementedError
+
+    @property
+    def n_critic(self) -> int:
+        """D steps per G step (WGAN family: 5)."""
+        return int(getattr(self.cfg, "n_critic", 1))
+
+    # ---- losses ---------------------------------------------------------------------------
+    def forward_g(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the generators once; the outputs are shared by d_loss and g_loss."""
+        raise NotImplementedError
+
+    def d_loss(self, batch, fakes) -> tuple[torch.Tensor, Stats]:
+        """Discriminator loss (incl. GP / classification terms). `fakes` are already detached."""
+        raise NotImplementedError
+
+    def g_loss(self, batch, fakes) -> tuple[torch.Tensor, Stats]:
+        raise NotImplementedError
+
+    # ---- optional hooks -------------------------------------------------------------------
+    def after_d_step(self) -> None:
+        """Called after each D optimizer step (WGAN weight clipping)."""
+
+    def set_progress(self, cur_nimg: int, total_nimg: int) -> None:
+        """Called before each iteration with images shown so far (ProGAN growth/fade-in)."""
+
+    def batch_size(self, default: int) -> int:
+        """Batch size for the current iteration (ProGAN: per resolution)."""
+        return default
+
+    def extra_state(self) -> dict:
+        """Non-parameter state a resume needs (history pools, progressive phase)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # ---- sampling -------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, batch, generators: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Rows for the sample grid, e.g. {'real': x, 'translated': y, 'mask': m} (each B,C,H,W in [-1,1]).
+
+        `generators` are the networks to use (the engine passes the EMA copies).
+        """
+        raise NotImplementedError
+
+    def export_generator(self, generators: dict[str, nn.Module]) -> nn.Module:
+        """The single module saved as the product's model (EMA weights), used by generation."""
+        return next(iter(generators.values()))
