@@ -111,6 +111,22 @@ class GANFamily(nn.Module):
         """
         raise NotImplementedError
 
-    def export_generator(self, generators: dict[str, nn.Module]) -> nn.Module:
-        """The single module saved as the product's model (EMA weights), used by generation."""
-        return next(iter(generators.values()))
+    # ---- synthesis (generation stage) ----------------------------------------------------
+    # Families whose generator cannot choose a defect class (cyclegan, pix2pix: one defect
+    # domain) set this False; their samples are labelled "defect" and the downstream
+    # classifier comparison skips them.
+    class_conditional: ClassVar[bool] = True
+
+    @torch.no_grad()
+    def synthesize(self, normal: torch.Tensor, labels: torch.Tensor,
+                   region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make defect images of classes `labels` (B,) long, indices into spec.classes (>= 1).
+
+        normal: (B, C, H, W) clean images in [-1, 1] (noise-based families ignore them and
+        draw noise from the global torch RNG). region: optional (B, 1, H, W) in {0, 1}, where
+        the defect should go (Defect-GAN honours it; others ignore it).
+        Returns (images (B, C, H, W) in [-1, 1], masks (B, 1, H, W) in [0, 1]). Families
+        without a mask output return |image - normal| averaged over channels, rescaled to [0, 1],
+        or zeros for noise-based families. Uses the family's current (EMA-loaded) weights.
+        """
+        raise NotImplementedError
