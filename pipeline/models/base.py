@@ -91,6 +91,10 @@ class GANFamily(nn.Module):
     def set_progress(self, cur_nimg: int, total_nimg: int) -> None:
         """Called before each iteration with images shown so far (ProGAN growth/fade-in)."""
 
+    def progress_metrics(self) -> dict[str, float]:
+        """Scalars describing training progress to log per tick (ProGAN: resolution, alpha)."""
+        return {}
+
     def batch_size(self, default: int) -> int:
         """Batch size for the current iteration (ProGAN: per resolution)."""
         return default
