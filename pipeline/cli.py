@@ -7,7 +7,6 @@ exit code, never a traceback. Library imports happen inside commands so `--help`
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,17 +14,6 @@ from typing import Optional
 import typer
 
 from pipeline.errors import PipelineError
-
-# Quiet, offline-safe defaults for the libraries we drive (see docs: STACK_NOTES).
-for _key, _value in {
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Synthetic defect datasets: prepare -> train -> generate -> evaluate -> downstream.")
