@@ -1,0 +1,340 @@
+"""Network building blocks shared by the GAN families.
+
+    norm_layer / init_weights   the Pix2Pix/CycleGAN conventions (instance norm without affine,
+                                N(0, 0.02) init)
+    PatchDiscriminator          70x70 PatchGAN (Pix2Pix, CycleGAN) + optional auxiliary
+                                classifier head (AC-GAN, StarGAN, Defect-GAN)
+    ResnetBlock / ResnetGenerator   CycleGAN's generator (Johnson et al.), StarGAN's backbone
+    UnetGenerator               Pix2Pix's U-Net with skip connections
+    DCGANGenerator / DCGANDiscriminator   DCGAN, optionally conditional (cGAN / AC-GAN)
+    difference_mask             |out - in| mask for families without a mask output
+
+All discriminators return raw scores (logits); losses live in `pipeline/models/losses.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+NORMS = ("instance", "batch", "none")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """'instance' (no affine, no running stats, as in CycleGAN/Pix2Pix), 'batch' or 'none'."""
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; known: {', '.join(NORMS)}")
+
+
+def _uses_bias(norm: str) -> bool:
+    # A conv followed by batch norm does not need a bias (BN's shift replaces it); instance
+    # norm here has no affine shift, so the conv keeps its bias (as in the Pix2Pix code).
+    return norm != "batch"
+
+
+def init_weights(module: nn.Module, gain: float = 0.02) -> nn.Module:
+    """Pix2Pix/CycleGAN/DCGAN init: conv/linear weights ~ N(0, gain), biases 0, BN weights ~ N(1, gain).
+
+    Spectrally normalised convs are initialised through their `original` weight. Returns `module`.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            if parametrize.is_parametrized(m, "weight"):
+                weight = m.parametrizations.weight.original
+            else:
+                weight = m.weight
+            with torch.no_grad():
+                weight.normal_(0.0, gain)
+                if m.bias is not None:
+                    m.bias.zero_()
+        elif isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.normal_(1.0, gain)
+                m.bias.zero_()
+    return module
+
+
+def difference_mask(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """Mask for families without a mask output: |out - inp| averaged over channels, divided by
+    its per-image maximum so it spans [0, 1]. (B, C, H, W) x2 -> (B, 1, H, W)."""
+    diff = (out.float() - inp.float()).abs().mean(1, keepdim=True)          # (B, 1, H, W)
+    peak = diff.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
+    return (diff / peak).clamp(0, 1)
+
+
+def _max_patch_layers(resolution: int) -> int:
+    """Most strided layers a PatchDiscriminator can have at `resolution` and still output a 2x2 grid."""
+    return max(1, int(math.log2(resolution)) - 2)
+
+
+def patch_layers_for(resolution: int, n_layers: int) -> int:
+    """`n_layers` capped so the patch grid is at least 2x2 (n_layers=3, the 70x70 PatchGAN, needs
+    32 px; 16 px images get 2 layers, a 34x34 receptive field)."""
+    return max(1, min(n_layers, _max_patch_layers(resolution)))
+
+
+# --------------------------------------------------------------------------- PatchGAN
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Pix2Pix/CycleGAN `NLayerDiscriminator`), optionally with an auxiliary classifier.
+
+    Layers (C64-C128-C256-C512 in the paper for n_layers=3):
+        conv4 s2 -> LReLU(0.2)                                   (no norm on the first layer)
+        (n_layers - 1) x [conv4 s2 -> norm -> LReLU(0.2)]
+        conv4 s1 -> norm -> LReLU(0.2)                           = the last feature map
+        source head: conv4 s1 -> 1 channel                       (B, 1, h, w) patch scores
+        class head:  conv4 s1 -> num_classes, global mean         (B, num_classes) logits
+    n_layers=3 gives the 70x70 receptive field. Input must be at least 2**(n_layers + 2) px
+    (use `patch_layers_for`). Each patch score is a logit; no sigmoid.
+    """
+
+    def __init__(self, in_channels: int, base_channels: int = 64, n_layers: int = 3,
+                 num_classes: int = 0, norm: str = "instance", spectral_norm: bool = False):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+        sn = _spectral_norm if spectral_norm else (lambda m: m)
+        bias = _uses_bias(norm)
+        layers: list[nn.Module] = [sn(nn.Conv2d(in_channels, base_channels, 4, 2, 1)),
+                                   nn.LeakyReLU(0.2, inplace=True)]
+        ch = base_channels
+        for n in range(1, n_layers):                         # stride-2 layers, channels x2 up to 8x
+            out = base_channels * min(2 ** n, 8)
+            layers += [sn(nn.Conv2d(ch, out, 4, 2, 1, bias=bias)), norm_layer(norm, out),
+                       nn.LeakyReLU(0.2, inplace=True)]
+            ch = out
+        out = base_channels * min(2 ** n_layers, 8)          # one stride-1 layer before the heads
+        layers += [sn(nn.Conv2d(ch, out, 4, 1, 1, bias=bias)), norm_layer(norm, out),
+                   nn.LeakyReLU(0.2, inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.source = sn(nn.Conv2d(out, 1, 4, 1, 1))
+        self.classifier = sn(nn.Conv2d(out, num_classes, 4, 1, 1)) if num_classes > 0 else None
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.features(x)                                  # (B, C', h+1, w+1)
+        scores = self.source(h)                               # (B, 1, h, w)
+        logits = None
+        if self.classifier is not None:
+            logits = self.classifier(h).mean(dim=(2, 3))      # (B, num_classes)
+        return scores, logits
+
+    def receptive_field(self) -> int:
+        """Receptive field (px) of one patch score, from the conv layers' kernels and strides."""
+        rf, jump = 1, 1
+        for m in [*self.features, self.source]:
+            if isinstance(m, nn.Conv2d):
+                rf += (m.kernel_size[0] - 1) * jump
+                jump *= m.stride[0]
+        return rf
+
+
+# --------------------------------------------------------------------------- ResNet generator
+
+class ResnetBlock(nn.Module):
+    """x + [reflpad1 conv3 norm ReLU reflpad1 conv3 norm](x)  (CycleGAN's R256 block)."""
+
+    def __init__(self, channels: int, norm: str = "instance"):
+        super().__init__()
+        bias = _uses_bias(norm)
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias), norm_layer(norm, channels),
+            nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias), norm_layer(norm, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """CycleGAN generator: c7s1-64, d128, d256, n_blocks x R256, u128, u64, c7s1-out, tanh.
+
+    `n_down` stride-2 downsamplings (channels x2 each) and as many transposed-conv ups;
+    the paper uses 6 blocks at 128 px and 9 at 256 px. Input H, W must be divisible by 2**n_down.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, base_channels: int = 64,
+                 n_blocks: int = 6, n_down: int = 2, norm: str = "instance"):
+        super().__init__()
+        bias = _uses_bias(norm)
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, base_channels, 7, bias=bias),
+                                   norm_layer(norm, base_channels), nn.ReLU(inplace=True)]
+        ch = base_channels
+        for _ in range(n_down):                                                    # dk
+            layers += [nn.Conv2d(ch, ch * 2, 3, 2, 1, bias=bias), norm_layer(norm, ch * 2), nn.ReLU(inplace=True)]
+            ch *= 2
+        layers += [ResnetBlock(ch, norm) for _ in range(n_blocks)]                 # Rk
+        for _ in range(n_down):                                                    # uk
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 3, 2, 1, output_padding=1, bias=bias),
+                       norm_layer(norm, ch // 2), nn.ReLU(inplace=True)]
+            ch //= 2
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, out_channels, 7), nn.Tanh()]   # c7s1-out
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)                                  # (B, out, H, W) in [-1, 1]
+
+
+# --------------------------------------------------------------------------- U-Net generator
+
+class _UnetBlock(nn.Module):
+    """One U-Net level: down -> submodule -> up, output concatenated with the input (skip).
+
+    Outermost: conv down, ..., ReLU, convT up, tanh (no skip concat on the output).
+    Innermost: LReLU conv down (no norm: 1x1 at the bottleneck), ReLU convT up, norm.
+    """
+
+    def __init__(self, outer_nc: int, inner_nc: int, input_nc: int, submodule: nn.Module | None,
+                 outermost: bool, innermost: bool, norm: str, dropout: bool):
+        super().__init__()
+        self.outermost = outermost
+        bias = _uses_bias(norm)
+        down_conv = nn.Conv2d(input_nc, inner_nc, 4, 2, 1, bias=bias)
+        if outermost:
+            down = [down_conv]
+            up = [nn.ReLU(True), nn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, 2, 1), nn.Tanh()]
+            layers = down + [submodule] + up
+        elif innermost:
+            down = [nn.LeakyReLU(0.2, True), down_conv]
+            up = [nn.ReLU(True), nn.ConvTranspose2d(inner_nc, outer_nc, 4, 2, 1, bias=bias), norm_layer(norm, outer_nc)]
+            layers = down + up
+        else:
+            down = [nn.LeakyReLU(0.2, True), down_conv, norm_layer(norm, inner_nc)]
+            up = [nn.ReLU(True), nn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, 2, 1, bias=bias),
+                  norm_layer(norm, outer_nc)]
+            layers = down + [submodule] + up + ([nn.Dropout(0.5)] if dropout else [])
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outermost:
+            return self.model(x)
+        return torch.cat([x, self.model(x)], 1)               # skip connection
+
+
+class UnetGenerator(nn.Module):
+    """Pix2Pix U-Net (encoder C64-C128-C256-C512-C512..., decoder mirrored with skips), tanh output.
+
+    Depth: `num_downs` stride-2 levels; when None it is log2(`resolution`), which takes the
+    bottleneck to 1x1 as the paper's 8 levels do at 256 px. We take the resolution explicitly
+    (keyword `resolution`) rather than inferring it at the first forward, so every parameter
+    exists before the optimizer is built. `dropout` (p=0.5) sits in the decoder's 512-channel
+    levels below the bottleneck's neighbours, as in the paper (the source of G's noise).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, base_channels: int = 64,
+                 num_downs: int | None = None, norm: str = "batch", *, resolution: int | None = None,
+                 dropout: bool = True):
+        super().__init__()
+        if num_downs is None:
+            if resolution is None:
+                raise ValueError("UnetGenerator needs num_downs or resolution")
+            num_downs = int(math.log2(resolution))
+        if num_downs < 2:
+            raise ValueError(f"UnetGenerator needs num_downs >= 2, got {num_downs}")
+        self.num_downs = num_downs
+        widths = [base_channels * min(2 ** i, 8) for i in range(num_downs)]   # level i's inner width
+        # Build from the bottleneck outwards. Level i maps widths[i-1] -> widths[i] channels.
+        block: nn.Module = _UnetBlock(widths[-2], widths[-1], widths[-2], None, False, True, norm, False)
+        for i in range(num_downs - 2, 0, -1):
+            inner, outer = widths[i], widths[i - 1]
+            deep = inner == outer == base_channels * 8
+            block = _UnetBlock(outer, inner, outer, block, False, False, norm, dropout and deep)
+        self.model = _UnetBlock(out_channels, widths[0], in_channels, block, True, False, norm, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)                                  # (B, out, H, W) in [-1, 1]
+
+
+# --------------------------------------------------------------------------- DCGAN
+
+def _one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    return F.one_hot(labels.long(), num_classes).to(dtype)
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN G: z (+ one-hot class, cGAN/AC-GAN) -> 4x4 -> strided transposed convs -> tanh.
+
+        convT4 s1 (1x1 -> 4x4), BN, ReLU; [convT4 s2, BN, ReLU] x (log2(res) - 3); convT4 s2 -> C, tanh.
+    Widths halve at each up, from base_channels * 2**(ups - 1) (at most 8x) down to base_channels.
+    """
+
+    def __init__(self, z_dim: int, channels: int, resolution: int, base_channels: int, num_classes: int = 0):
+        super().__init__()
+        ups = int(math.log2(resolution)) - 2                 # 4 -> resolution
+        if 2 ** (ups + 2) != resolution or ups < 1:
+            raise ValueError(f"DCGAN needs a power-of-two resolution >= 8, got {resolution}")
+        self.z_dim, self.num_classes = z_dim, num_classes
+        ch = base_channels * min(2 ** (ups - 1), 8)
+        layers: list[nn.Module] = [nn.ConvTranspose2d(z_dim + num_classes, ch, 4, 1, 0, bias=False),
+                                   nn.BatchNorm2d(ch), nn.ReLU(True)]
+        for _ in range(ups - 1):
+            out = max(ch // 2, base_channels)
+            layers += [nn.ConvTranspose2d(ch, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
+            ch = out
+        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes > 0:
+            if labels is None:
+                raise ValueError("conditional DCGANGenerator needs labels")
+            z = torch.cat([z, _one_hot(labels, self.num_classes, z.dtype)], 1)   # cGAN: [z, c]
+        return self.model(z[:, :, None, None])               # (B, C, res, res)
+
+
+class DCGANDiscriminator(nn.Module):
+    """DCGAN D: conv4 s2 + LReLU(0.2) (no norm first), [conv4 s2, norm, LReLU] down to 4x4, conv4 -> 1.
+
+    conditioning: 'none'; 'cgan' (one-hot label replicated over H x W, concatenated to the image);
+    'acgan' (a second 4x4 head outputs class logits). forward(x, labels) -> (scores (B,), logits or None).
+    norm 'batch' as in DCGAN; use 'none' for WGAN-GP critics (GP is per-sample).
+    """
+
+    def __init__(self, channels: int, resolution: int, base_channels: int, num_classes: int = 0,
+                 conditioning: str = "none", norm: str = "batch", spectral_norm: bool = False):
+        super().__init__()
+        if conditioning not in ("none", "cgan", "acgan"):
+            raise ValueError(f"unknown conditioning {conditioning!r}; known: none, cgan, acgan")
+        if conditioning != "none" and num_classes < 1:
+            raise ValueError(f"conditioning {conditioning!r} needs num_classes > 0")
+        downs = int(math.log2(resolution)) - 2                # resolution -> 4
+        if 2 ** (downs + 2) != resolution or downs < 1:
+            raise ValueError(f"DCGAN needs a power-of-two resolution >= 8, got {resolution}")
+        self.conditioning, self.num_classes = conditioning, num_classes
+        sn = _spectral_norm if spectral_norm else (lambda m: m)
+        in_ch = channels + (num_classes if conditioning == "cgan" else 0)
+        layers: list[nn.Module] = [sn(nn.Conv2d(in_ch, base_channels, 4, 2, 1)), nn.LeakyReLU(0.2, True)]
+        ch = base_channels
+        for _ in range(downs - 1):
+            out = min(ch * 2, base_channels * 8)
+            layers += [sn(nn.Conv2d(ch, out, 4, 2, 1, bias=_uses_bias(norm))), norm_layer(norm, out),
+                       nn.LeakyReLU(0.2, True)]
+            ch = out
+        self.features = nn.Sequential(*layers)                # (B, ch, 4, 4)
+        self.source = sn(nn.Conv2d(ch, 1, 4, 1, 0))
+        self.classifier = sn(nn.Conv2d(ch, num_classes, 4, 1, 0)) if conditioning == "acgan" else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.conditioning == "cgan":
+            if labels is None:
+                raise ValueError("cGAN discriminator needs labels")
+            c = _one_hot(labels, self.num_classes, x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, c], 1)                          # (B, C + K, H, W)
+        h = self.features(x)
+        scores = self.source(h).flatten(1).squeeze(1)         # (B,)
+        logits = self.classifier(h).flatten(1) if self.classifier is not None else None   # (B, K)
+        return scores, logits

@@ -1,0 +1,390 @@
+"""Defect-GAN (Zhang et al., WACV 2021; METHODS.md, "Defect-GAN") — the final target.
+
+Code (vs. paper): one generator G does both defacement (normal n -> defect of class k) and
+restoration (defect -> normal), steered by the spatial & categorical control map
+A (B, K, H, W) (K = spec.num_classes, class 0 = normal). G outputs a foreground f and a
+spatial distribution map m; the image is composed layer-wise:
+
+    f_d, m_d = G(n, A_{n->d});   d  = n * (1 - m_d)  + f_d  * m_d       (defacement)
+    f_n, m_n = G(d, A_{d->n});   n^ = d * (1 - m_n^) + f_n^ * m_n^     (restoration)
+
+and, in the other direction, real defects b are restored (r = G(b, A_normal)) and defaced back
+to their own class (b^ = G(r, A_{label_b})), as the paper trains both ways.
+
+    G: [image, A] -> conv7 -> n_down x (conv4 s2) -> n_blocks x SPADEResBlock(A)
+       -> n_down x (upsample, SPADEResBlock(A)) -> heads: f = tanh(conv7), m = sigmoid(conv7)
+       SPADE on A at every bottleneck/decoder layer; learned-scale noise after every conv there
+       (the paper's adaptive noise insertion, stochastic variation of the defects).
+    D: PatchGAN source head + auxiliary classifier (StarGAN's D), no normalisation (WGAN-GP).
+
+Losses (means over elements; both directions summed):
+    L_D = -L_adv + lambda_gp GP + lambda_cls_real CE(D_cls(real), label)
+    L_G =  L_adv + lambda_cls_fake CE(D_cls(fake), target) + lambda_rec (|n^ - n| + |b^ - b|)
+           + lambda_sd_cyc (|m_d - m_n^| + |m_r - m_b^|)
+           + lambda_sd_con (|m_d| + |m_n^| + |m_r| + |m_b^|)
+Training uses a constant A (the target label at every pixel); at inference A may vary over the
+image (target class inside a user region, normal outside) to place defects where asked.
+
+Defaults: Adam(2e-4, 0.5, 0.999), n_critic 5, lambda_gp 10, lambda_cls 1/1 (StarGAN),
+lambda_rec 10 (StarGAN), lambda_sd_cyc 5 (the mask cycle weighs like an image cycle term at
+half the reconstruction weight), lambda_sd_con 0.1 (a weak sparsity prior: strong enough to keep
+m off the background, weak enough that defects are still painted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import positive, require
+from pipeline.errors import PipelineError
+from pipeline.models import losses
+from pipeline.models.base import DataSpec, GANFamily, Stats
+from pipeline.models.blocks import PatchDiscriminator, patch_layers_for
+from pipeline.models.spade import SPADEResBlock
+
+
+@dataclass
+class Config:
+    base_channels: int = 32          # G's first conv width (paper / StarGAN: 64); x2 per down ...
+    max_channels: int = 256          # ... up to this
+    n_down: int = 2                  # encoder downsamplings (= decoder upsamplings)
+    n_blocks: int = 4                # SPADE ResBlocks at the bottleneck (StarGAN: 6)
+    spade_hidden: int = 32           # width of SPADE's gamma/beta conv net
+    noise: bool = True               # adaptive noise insertion
+    d_base_channels: int = 64
+    d_layers: int = 3                # PatchGAN strided layers (capped for small images)
+    lambda_gp: float = 10.0
+    lambda_cls_real: float = 1.0
+    lambda_cls_fake: float = 1.0
+    lambda_rec: float = 10.0
+    lambda_sd_cyc: float = 5.0
+    lambda_sd_con: float = 0.1
+    n_critic: int = 5
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "base_channels", "max_channels", "n_down", "spade_hidden",
+                 "d_base_channels", "d_layers", "n_critic", "lr_g", "lr_d")
+        require(self.n_blocks >= 0, f"{where}.n_blocks", "must be 0 or more.")
+        for name in ("lambda_gp", "lambda_cls_real", "lambda_cls_fake", "lambda_rec",
+                     "lambda_sd_cyc", "lambda_sd_con"):
+            require(getattr(self, name) >= 0, f"{where}.{name}", "must be 0 or positive.")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{where}.beta1", "and beta2 must be in [0, 1).")
+
+
+# --------------------------------------------------------------------------- composition and losses
+
+def compose(x: torch.Tensor, f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Layer-wise composition x * (1 - m) + f * m: m = 0 keeps x exactly, m = 1 gives f exactly."""
+    return x * (1 - m) + f * m
+
+
+def control_map(labels: torch.Tensor, num_classes: int, size: tuple[int, int],
+                region: torch.Tensor | None = None) -> torch.Tensor:
+    """A (B, K, H, W): one-hot(labels) inside `region` (B, 1, H, W) in {0, 1}, one-hot(normal) outside.
+
+    region None: the label at every pixel (training's constant map).
+    """
+    onehot = F.one_hot(labels.long(), num_classes).float()[:, :, None, None]   # (B, K, 1, 1)
+    A = onehot.expand(-1, -1, *size)
+    if region is None:
+        return A.contiguous()
+    normal = torch.zeros_like(onehot)
+    normal[:, 0] = 1.0
+    region = region.to(A.dtype)
+    return A * region + normal * (1 - region)
+
+
+def sd_cycle_loss(m_a: torch.Tensor, m_b: torch.Tensor) -> torch.Tensor:
+    """Spatial-distribution cycle loss E|m_a - m_b|: restoration must remove what defacement added."""
+    return losses.l1(m_a, m_b)
+
+
+def sd_constraint_loss(*masks: torch.Tensor) -> torch.Tensor:
+    """Spatial-distribution constraint sum_i E|m_i - 0|: keeps the masks sparse."""
+    return sum(losses.l1(m, torch.zeros_like(m)) for m in masks)
+
+
+# --------------------------------------------------------------------------- networks
+
+class DefectGenerator(nn.Module):
+    """Encoder -> SPADE ResBlocks (with noise) -> SPADE decoder -> (foreground f, mask m)."""
+
+    def __init__(self, channels: int, num_classes: int, base_channels: int = 32, max_channels: int = 256,
+                 n_down: int = 2, n_blocks: int = 4, spade_hidden: int = 32, noise: bool = True):
+        super().__init__()
+        self.num_classes = num_classes
+        widths = [min(base_channels * 2 ** i, max_channels) for i in range(n_down + 1)]
+        act = nn.LeakyReLU(0.2)
+        # Encoder sees the control map too (StarGAN's label-to-channels), so it can read
+        # which pixels are asked to change.
+        enc: list[nn.Module] = [nn.Conv2d(channels + num_classes, widths[0], 7, padding=3),
+                                nn.InstanceNorm2d(widths[0]), act]
+        for i in range(n_down):
+            enc += [nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), nn.InstanceNorm2d(widths[i + 1]), act]
+        self.encoder = nn.Sequential(*enc)
+        c = widths[-1]
+        self.blocks = nn.ModuleList([SPADEResBlock(c, c, num_classes, spade_hidden, noise)
+                                     for _ in range(n_blocks)])
+        self.ups = nn.ModuleList([SPADEResBlock(widths[i + 1], widths[i], num_classes, spade_hidden, noise)
+                                  for i in reversed(range(n_down))])
+        self.act = act
+        self.to_foreground = nn.Conv2d(widths[0], channels, 7, padding=3)
+        self.to_mask = nn.Conv2d(widths[0], 1, 7, padding=3)
+
+    def forward(self, x: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W), A (B, K, H, W) -> f (B, C, H, W) in [-1, 1], m (B, 1, H, W) in [0, 1]."""
+        h = self.encoder(torch.cat([x, A.to(x.dtype)], dim=1))          # (B, C_n, H / 2^n, W / 2^n)
+        for block in self.blocks:
+            h = block(h, A)
+        for up in self.ups:
+            h = up(F.interpolate(h, scale_factor=2, mode="nearest"), A)
+        h = self.act(h)                                                  # (B, C_0, H, W)
+        return torch.tanh(self.to_foreground(h)), torch.sigmoid(self.to_mask(h))
+
+
+@contextlib.contextmanager
+def _fixed_rng(device: torch.device, seed: int = 0):
+    """Sample grids draw the same noise every tick and leave the training RNG streams untouched."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+# --------------------------------------------------------------------------- family
+
+class DefectGAN(GANFamily):
+    name = "defectgan"
+    Config = Config
+    data_kind = "unpaired"
+
+    def __init__(self, cfg: Config, spec: DataSpec):
+        super().__init__(cfg, spec)
+        K = spec.num_classes
+        if K < 2:
+            raise PipelineError(f"Defect-GAN needs the normal class and at least one defect class, "
+                                f"got classes {list(spec.classes)}.")
+        step = 2 ** cfg.n_down
+        if spec.resolution % step or spec.resolution // step < 2:
+            raise PipelineError(f"Defect-GAN with train.defectgan.n_down={cfg.n_down} needs a resolution "
+                                f"divisible by {step} with at least 2 px left at the bottleneck; got "
+                                f"{spec.resolution}. Lower n_down or change prepare.resolution.")
+        self.G = DefectGenerator(spec.channels, K, cfg.base_channels, cfg.max_channels, cfg.n_down,
+                                 cfg.n_blocks, cfg.spade_hidden, cfg.noise)
+        self.D = PatchDiscriminator(spec.channels, cfg.d_base_channels,
+                                    patch_layers_for(spec.resolution, cfg.d_layers), num_classes=K, norm="none")
+
+    # ---- networks -------------------------------------------------------------------------
+    def generators(self) -> dict[str, nn.Module]:
+        return {"G": self.G}
+
+    def discriminators(self) -> dict[str, nn.Module]:
+        return {"D": self.D}
+
+    def make_optimizers(self):
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        return (torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr_g, betas=betas),
+                torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr_d, betas=betas))
+
+    # ---- generator use ----------------------------------------------------------------------
+    def translate(self, G: nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                  region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(composed image, foreground f, mask m) for target classes `labels` (inside `region`)."""
+        A = control_map(labels, self.spec.num_classes, x.shape[-2:], region)
+        f, m = G(x, A)
+        return compose(x, f, m), f, m
+
+    def _normal_labels(self, n: int, device) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.long, device=device)
+
+    # ---- losses ---------------------------------------------------------------------------
+    def forward_g(self, batch):
+        a, b = batch["a"], batch["b"]
+        # Random defect class per normal image (1..K-1), from the global RNG.
+        target = torch.randint(1, self.spec.num_classes, (a.shape[0],), device=a.device)
+        d, _, m_d = self.translate(self.G, a, target)                                # defacement
+        r, _, m_r = self.translate(self.G, b, self._normal_labels(b.shape[0], b.device))   # restoration
+        return {"d": d, "m_d": m_d, "r": r, "m_r": m_r, "target": target}
+
+    def _real(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = batch["a"], batch["b"]
+        labels = torch.cat([self._normal_labels(a.shape[0], a.device), batch["label_b"].long()])
+        return torch.cat([a, b]), labels
+
+    def d_loss(self, batch, fakes) -> tuple[torch.Tensor, Stats]:
+        real, real_labels = self._real(batch)
+        fake = torch.cat([fakes["d"], fakes["r"]])
+        real_src, real_cls = self.D(real)
+        fake_src, _ = self.D(fake)
+        adv = losses.d_adversarial("wgan-gp", real_src, fake_src)
+        gp = losses.gradient_penalty(lambda x: self.D(x)[0], real, fake)
+        cls = losses.classification(real_cls, real_labels)
+        loss = adv + self.cfg.lambda_gp * gp + self.cfg.lambda_cls_real * cls
+        acc = (real_cls.argmax(1) == real_labels).float().mean()
+        return loss, {"D/loss": loss.item(), "D/adv": adv.item(), "D/gp": gp.item(), "D/cls": cls.item(),
+                      "D/cls_acc": acc.item(), "D/real": real_src.mean().item(), "D/fake": fake_src.mean().item()}
+
+    def g_loss(self, batch, fakes) -> tuple[torch.Tensor, Stats]:
+        a, b, label_b = batch["a"], batch["b"], batch["label_b"].long()
+        d, m_d, r, m_r, target = fakes["d"], fakes["m_d"], fakes["r"], fakes["m_r"], fakes["target"]
+        fake_src, fake_cls = self.D(torch.cat([d, r]))
+        adv = losses.g_adversarial("wgan-gp", fake_src)
+        cls = losses.classification(fake_cls, torch.cat([target, self._normal_labels(r.shape[0], r.device)]))
+        # Cycles: restore the defaced normals; deface the restored defects back to their class.
+        n_hat, _, m_nh = self.translate(self.G, d, self._normal_labels(d.shape[0], d.device))
+        b_hat, _, m_bh = self.translate(self.G, r, label_b)
+        rec = losses.l1(n_hat, a) + losses.l1(b_hat, b)
+        sd_cyc = sd_cycle_loss(m_d, m_nh) + sd_cycle_loss(m_r, m_bh)
+        sd_con = sd_constraint_loss(m_d, m_nh) + sd_constraint_loss(m_r, m_bh)
+        c = self.cfg
+        loss = (adv + c.lambda_cls_fake * cls + c.lambda_rec * rec
+                + c.lambda_sd_cyc * sd_cyc + c.lambda_sd_con * sd_con)
+        return loss, {"G/loss": loss.item(), "G/adv": adv.item(), "G/cls": cls.item(), "G/rec": rec.item(),
+                      "G/sd_cyc": sd_cyc.item(), "G/sd_con": sd_con.item(),
+                      "G/mask_mean": m_d.mean().item(), "G/restore_mask_mean": m_r.mean().item()}
+
+    # ---- sampling -------------------------------------------------------------------------
+    def _mask_row(self, m: torch.Tensor) -> torch.Tensor:
+        return (m * 2 - 1).expand(-1, self.spec.channels, -1, -1)
+
+    def center_box(self, n: int, size: tuple[int, int], device) -> torch.Tensor:
+        """(n, 1, H, W) region: the middle half of the image in each direction."""
+        h, w = size
+        region = torch.zeros(n, 1, h, w, device=device)
+        region[..., h // 4: h - h // 4, w // 4: w - w // 4] = 1.0
+        return region
+
+    @torch.no_grad()
+    def sample(self, batch, generators):
+        G = generators["G"]
+        a, b = batch["a"], batch["b"]
+        K = self.spec.num_classes
+        target = 1 + torch.arange(a.shape[0], device=a.device) % (K - 1)   # cycle through defect classes
+        with _fixed_rng(a.device):
+            d, _, m_d = self.translate(G, a, target)
+            n_hat, _, _ = self.translate(G, d, self._normal_labels(a.shape[0], a.device))
+            region = self.center_box(a.shape[0], a.shape[-2:], a.device)
+            placed, _, m_p = self.translate(G, a, target, region)
+            r, _, m_r = self.translate(G, b, self._normal_labels(b.shape[0], b.device))
+        return {"normal": a, "defaced": d.clamp(-1, 1), "mask": self._mask_row(m_d),
+                "restored": n_hat.clamp(-1, 1), "placed_center": placed.clamp(-1, 1),
+                "placed_mask": self._mask_row(m_p), "real_defect": b, "real_restored": r.clamp(-1, 1),
+                "real_restored_mask": self._mask_row(m_r)}
+
+    # ---- synthesis (generation stage) ----------------------------------------------------
+    @torch.no_grad()
+    def synthesize(self, normal, labels, region=None):
+        """Deface `normal` (B, C, H, W) with classes `labels` (B,), inside `region` (B, 1, H, W) if given.
+
+        A = one-hot(label) inside the region and one-hot(normal) outside; region None: everywhere.
+        Returns (images (B, C, H, W) in [-1, 1], the generator's masks m (B, 1, H, W) in [0, 1]).
+        """
+        device = next(self.G.parameters()).device
+        normal, labels, region = self._check_inputs(normal, labels, region)
+        image, _, m = self.translate(self.G, normal.to(device), labels.to(device),
+                                     None if region is None else region.to(device))
+        return image.clamp(-1, 1), m
+
+    @torch.no_grad()
+    def place_defect(self, normal: torch.Tensor, label, mask: torch.Tensor | None = None,
+                     box: tuple[float, float, float, float] | None = None):
+        """Put a defect of class `label` (index or name) on `normal`, where `mask` or `box` says.
+
+        normal: (C, H, W) or (B, C, H, W) in [-1, 1]. mask: (H, W), (1, H, W), (B, 1, H, W);
+        pixels > 0.5 are the region. box: (x0, y0, x1, y1) as fractions of width / height.
+        Neither: the whole image is asked to change (training's constant control map).
+        Returns (image, mask m, labels (B,)), image and m unbatched when `normal` was.
+        """
+        if not isinstance(normal, torch.Tensor) or normal.dim() not in (3, 4):
+            got = _shape(normal) if isinstance(normal, torch.Tensor) else type(normal).__name__
+            raise PipelineError(f"place_defect: normal must be an image tensor (C, H, W) or (B, C, H, W), "
+                                f"got {got}.")
+        single = normal.dim() == 3
+        x = normal[None] if single else normal
+        n, _, h, w = x.shape
+        labels = self._labels_from(label, n)
+        if mask is not None and box is not None:
+            raise PipelineError("place_defect: give a mask or a box, not both.")
+        region = None
+        if mask is not None:
+            region = self._region_from_mask(mask, n, h, w)
+        elif box is not None:
+            region = self._region_from_box(box, n, h, w, x.device)
+        image, m = self.synthesize(x, labels, region)
+        return (image[0], m[0], labels) if single else (image, m, labels)
+
+    # ---- input checks -----------------------------------------------------------------------
+    def _labels_from(self, label, n: int) -> torch.Tensor:
+        if isinstance(label, str):
+            if label not in self.spec.classes:
+                raise PipelineError(f"unknown defect class {label!r}; known: {', '.join(self.spec.classes[1:])}.")
+            label = self.spec.classes.index(label)
+        if isinstance(label, int):
+            return torch.full((n,), label, dtype=torch.long)
+        label = torch.as_tensor(label).long()
+        return label.expand(n) if label.dim() == 0 else label
+
+    def _check_inputs(self, normal, labels, region):
+        C, K, step = self.spec.channels, self.spec.num_classes, 2 ** self.cfg.n_down
+        if not isinstance(normal, torch.Tensor) or normal.dim() != 4 or normal.shape[1] != C:
+            got = _shape(normal) if isinstance(normal, torch.Tensor) else type(normal).__name__
+            raise PipelineError(f"Defect-GAN: normal images must have shape (B, {C}, H, W), got {got}.")
+        n, _, h, w = normal.shape
+        if h % step or w % step:
+            raise PipelineError(f"Defect-GAN: image size {h}x{w} must be divisible by {step} "
+                                f"(train.defectgan.n_down={self.cfg.n_down}).")
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (n,):
+            raise PipelineError(f"Defect-GAN: labels must have shape ({n},), one per image, got {_shape(labels)}.")
+        if n and (labels.min() < 1 or labels.max() >= K):
+            raise PipelineError(f"Defect-GAN: labels must be defect classes 1..{K - 1} "
+                                f"({', '.join(self.spec.classes[1:])}), got {labels.tolist()}.")
+        if region is not None:
+            if not isinstance(region, torch.Tensor) or _shape(region) != (n, 1, h, w):
+                got = _shape(region) if isinstance(region, torch.Tensor) else type(region).__name__
+                raise PipelineError(f"Defect-GAN: region mask must have shape (B, 1, H, W) = {(n, 1, h, w)}, "
+                                    f"got {got}.")
+            region = (region > 0.5).float()
+        return normal, labels, region
+
+    def _region_from_mask(self, mask, n: int, h: int, w: int) -> torch.Tensor:
+        mask = torch.as_tensor(mask)
+        m = mask
+        if m.dim() == 2:
+            m = m[None, None]
+        elif m.dim() == 3:
+            m = m[None]
+        if m.dim() != 4 or m.shape[1] != 1 or m.shape[-2:] != (h, w) or m.shape[0] not in (1, n):
+            raise PipelineError(f"place_defect: mask has shape {_shape(mask)}; expected ({h}, {w}), "
+                                f"(1, {h}, {w}) or ({n}, 1, {h}, {w}) to match the image.")
+        return (m.expand(n, 1, h, w) > 0.5).float()
+
+    def _region_from_box(self, box, n: int, h: int, w: int, device) -> torch.Tensor:
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box)
+        except (TypeError, ValueError):
+            raise PipelineError(f"place_defect: box must be (x0, y0, x1, y1) fractions, got {box!r}.") from None
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise PipelineError(f"place_defect: box {box!r} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
+                                f"(fractions of width and height).")
+        c0, r0 = min(int(x0 * w), w - 1), min(int(y0 * h), h - 1)
+        c1, r1 = max(c0 + 1, round(x1 * w)), max(r0 + 1, round(y1 * h))   # at least one pixel
+        region = torch.zeros(n, 1, h, w, device=device)
+        region[..., r0:r1, c0:c1] = 1.0
+        return region

@@ -1,0 +1,348 @@
+"""Defect-GAN (METHODS.md, "Defect-GAN"): composition, control map, losses, engine isolation, placement."""
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import from_dict
+from pipeline.errors import ParamsError, PipelineError
+from pipeline.models.base import DataSpec
+from pipeline.models.defectgan import (Config, DefectGAN, compose, control_map, sd_constraint_loss,
+                                       sd_cycle_loss)
+from pipeline.models.spade import NoiseInjection
+
+
+def tiny_cfg(**kw) -> Config:
+    base = {"base_channels": 8, "max_channels": 16, "n_blocks": 1, "spade_hidden": 8, "d_base_channels": 8}
+    return from_dict(Config, {**base, **kw}, "train.defectgan")
+
+
+def unpaired_batch(spec, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    res, C = spec.resolution, spec.channels
+    return {"a": torch.rand(n, C, res, res, generator=g) * 2 - 1,
+            "b": torch.rand(n, C, res, res, generator=g) * 2 - 1,
+            "label_b": 1 + torch.arange(n) % (spec.num_classes - 1),
+            "mask_b": torch.zeros(n, 1, res, res)}
+
+
+def engine_iteration(fam, batch, opt_g, opt_d, g_step=True):
+    """What pipeline/training/step.py does for one iteration (see base.py)."""
+    fakes = fam.forward_g(batch)
+    fam.G.requires_grad_(False)
+    fam.D.requires_grad_(True)
+    opt_d.zero_grad(set_to_none=True)
+    d_loss, d_stats = fam.d_loss(batch, {k: v.detach() for k, v in fakes.items()})
+    d_loss.backward()
+    opt_d.step()
+    g_stats = {}
+    if g_step:
+        fam.G.requires_grad_(True)
+        fam.D.requires_grad_(False)
+        opt_g.zero_grad(set_to_none=True)
+        g_loss, g_stats = fam.g_loss(batch, fakes)
+        g_loss.backward()
+        opt_g.step()
+        fam.D.requires_grad_(True)
+    return d_stats, g_stats
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ---- layer-wise composition ------------------------------------------------------------------
+
+def test_compose_is_exact_at_mask_zero_and_one():
+    torch.manual_seed(0)
+    x, f = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert torch.equal(compose(x, f, torch.zeros(2, 1, 4, 4)), x)
+    assert torch.equal(compose(x, f, torch.ones(2, 1, 4, 4)), f)
+    half = compose(x, f, torch.full((2, 1, 4, 4), 0.5))
+    torch.testing.assert_close(half, 0.5 * x + 0.5 * f)
+
+
+@pytest.mark.parametrize("mask_value", [0.0, 1.0])
+def test_generator_output_is_input_at_m0_and_foreground_at_m1(tiny_spec, mask_value):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(), tiny_spec)
+    with torch.no_grad():   # force the mask head: sigmoid(-1e4) == 0, sigmoid(1e4) == 1 exactly
+        fam.G.to_mask.weight.zero_()
+        fam.G.to_mask.bias.fill_(1e4 if mask_value else -1e4)
+    x = unpaired_batch(tiny_spec)["a"]
+    labels = torch.tensor([1, 2, 1, 2])
+    torch.manual_seed(1)
+    out, f, m = fam.translate(fam.G, x, labels)
+    assert torch.equal(m, torch.full_like(m, mask_value))
+    assert torch.equal(out, f if mask_value else x)
+    image, masks = fam.synthesize(x, labels)
+    assert torch.equal(masks, m)
+    if not mask_value:
+        assert torch.equal(image, x)
+
+
+# ---- control map ----------------------------------------------------------------------------------
+
+def test_control_map_constant_in_training_and_regional_at_inference():
+    labels = torch.tensor([2, 1])
+    A = control_map(labels, 3, (4, 4))
+    assert A.shape == (2, 3, 4, 4)
+    assert torch.equal(A[0], torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 4, 4))
+    region = torch.zeros(2, 1, 4, 4)
+    region[:, :, 1:3, 1:3] = 1
+    A = control_map(labels, 3, (4, 4), region)
+    assert torch.equal(A.sum(1), torch.ones(2, 4, 4))                 # one-hot at every pixel
+    assert torch.equal(A[0, 2], region[0, 0])                          # class 2 inside ...
+    assert torch.equal(A[0, 0], 1 - region[0, 0])                      # ... normal outside
+    assert torch.equal(A[1, 1], region[1, 0])
+
+
+# ---- losses on hand-set masks --------------------------------------------------------------------
+
+def test_sd_losses_hand_computed():
+    m_d = torch.tensor([[0.0, 1.0], [0.5, 0.25]]).view(1, 1, 2, 2)
+    m_n = torch.tensor([[0.5, 0.5], [0.5, 0.75]]).view(1, 1, 2, 2)
+    # |m_d - m_n| = 0.5, 0.5, 0, 0.5 -> mean 0.375
+    assert sd_cycle_loss(m_d, m_n).item() == pytest.approx(0.375)
+    # mean|m_d| = 1.75 / 4, mean|m_n| = 2.25 / 4 -> 1.0
+    assert sd_constraint_loss(m_d, m_n).item() == pytest.approx(1.0)
+    assert sd_cycle_loss(m_d, m_d).item() == 0.0
+
+
+class HandSetG(nn.Module):
+    """Stub generator: f = 0, m = 0.25 where A asks for a defect, 0.75 where A asks for normal."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, A):
+        normal = A[:, :1]
+        return torch.zeros_like(x) + 0 * self.p, 0.25 + 0.5 * normal + 0 * self.p
+
+
+def test_g_loss_terms_on_hand_set_masks(tiny_spec):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(), tiny_spec)
+    fam.G = HandSetG()
+    batch = unpaired_batch(tiny_spec)
+    fakes = fam.forward_g(batch)
+    loss, stats = fam.g_loss(batch, fakes)
+    # m_d = 0.25 (deface), m_n^ = 0.75 (restore), m_r = 0.75 (restore), m_b^ = 0.25 (deface back)
+    assert stats["G/sd_cyc"] == pytest.approx(0.5 + 0.5)
+    assert stats["G/sd_con"] == pytest.approx((0.25 + 0.75) + (0.75 + 0.25))
+    assert stats["G/mask_mean"] == pytest.approx(0.25)
+    # f = 0: d = 0.75 a, n^ = 0.25 d = 0.1875 a; r = 0.25 b, b^ = 0.75 r = 0.1875 b.
+    expected_rec = 0.8125 * (batch["a"].abs().mean() + batch["b"].abs().mean()).item()
+    assert stats["G/rec"] == pytest.approx(expected_rec, rel=1e-5)
+    total = stats["G/adv"] + stats["G/cls"] + 10 * stats["G/rec"] + 5 * stats["G/sd_cyc"] + 0.1 * stats["G/sd_con"]
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_d_loss_terms(tiny_spec):
+    from pipeline.models import losses
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(), tiny_spec)
+    batch = unpaired_batch(tiny_spec)
+    fakes = {k: v.detach() for k, v in fam.forward_g(batch).items()}
+    assert set(fakes["target"].tolist()) <= {1, 2}                    # defect classes only
+    loss, stats = fam.d_loss(batch, fakes)
+    real_src, real_cls = fam.D(torch.cat([batch["a"], batch["b"]]))
+    fake_src, _ = fam.D(torch.cat([fakes["d"], fakes["r"]]))
+    labels = torch.cat([torch.zeros(4, dtype=torch.long), batch["label_b"]])
+    assert stats["D/adv"] == pytest.approx((fake_src.mean() - real_src.mean()).item(), rel=1e-4, abs=1e-6)
+    assert stats["D/cls"] == pytest.approx(losses.classification(real_cls, labels).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(stats["D/adv"] + 10 * stats["D/gp"] + stats["D/cls"], rel=1e-5)
+    assert {"D/loss", "D/adv", "D/gp", "D/cls"} <= set(stats)
+
+
+# ---- engine isolation and a short run --------------------------------------------------------------
+
+def test_d_step_leaves_g_untouched_and_g_step_leaves_d_untouched(tiny_spec):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(), tiny_spec)
+    opt_g, opt_d = fam.make_optimizers()
+    assert opt_g.defaults["betas"] == (0.5, 0.999) and opt_g.defaults["lr"] == 2e-4 and fam.n_critic == 5
+    batch = unpaired_batch(tiny_spec)
+    g0, d0 = snapshot(fam.G), snapshot(fam.D)
+    engine_iteration(fam, batch, opt_g, opt_d, g_step=False)
+    assert all(torch.equal(v, fam.G.state_dict()[k]) for k, v in g0.items())
+    assert any(not torch.equal(v, fam.D.state_dict()[k]) for k, v in d0.items())
+    # G's step alone.
+    d1 = snapshot(fam.D)
+    fam.G.requires_grad_(True)
+    fam.D.requires_grad_(False)
+    fakes = fam.forward_g(batch)
+    opt_g.zero_grad(set_to_none=True)
+    loss, _ = fam.g_loss(batch, fakes)
+    loss.backward()
+    opt_g.step()
+    assert all(torch.equal(v, fam.D.state_dict()[k]) for k, v in d1.items())
+    assert any(not torch.equal(v, fam.G.state_dict()[k]) for k, v in g0.items())
+
+
+def test_short_run_reduces_reconstruction(tiny_spec):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(lr_g=1e-3, lr_d=1e-3), tiny_spec)
+    opt_g, opt_d = fam.make_optimizers()
+    batch = unpaired_batch(tiny_spec, seed=3)        # a tiny fixed dataset
+    recs = []
+    for _ in range(30):
+        d_stats, g_stats = engine_iteration(fam, batch, opt_g, opt_d)
+        recs.append(g_stats["G/rec"])
+        assert all(torch.isfinite(torch.tensor(v)) for v in {**d_stats, **g_stats}.values())
+    assert sum(recs[-5:]) / 5 < 0.5 * sum(recs[:5]) / 5
+
+
+# ---- spatial control at inference ----------------------------------------------------------------------
+
+def box_region(n, res, lo, hi):
+    region = torch.zeros(n, 1, res, res)
+    region[..., lo:hi, lo:hi] = 1
+    return region
+
+
+def test_regional_control_map_changes_the_mask_mostly_inside_the_region():
+    # Structural: SPADE modulates per pixel and the encoder reads A per pixel, so asking for a
+    # defect in a region moves the (untrained) mask more there than elsewhere. Instance norm and
+    # the receptive field couple all pixels, so outside moves too (about half as much at init);
+    # the trained test below shows the confinement that training adds.
+    spec = DataSpec(resolution=32, channels=3, classes=("normal", "scratch", "spot"))
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(noise=False), spec)
+    x = unpaired_batch(spec)["a"]
+    labels = torch.tensor([1, 2, 1, 2])
+    region = box_region(4, 32, 10, 22)
+    A_normal = control_map(torch.zeros(4, dtype=torch.long), 3, (32, 32))
+    with torch.no_grad():
+        _, m_normal = fam.G(x, A_normal)
+        _, m_region = fam.G(x, control_map(labels, 3, (32, 32), region))
+    change = (m_region - m_normal).abs()
+    inside = (change * region).sum() / region.sum()
+    outside = (change * (1 - region)).sum() / (1 - region).sum()
+    assert inside > 1.5 * outside
+
+
+def toy_images(n, g, res=16):
+    """Flat grey surfaces with mild noise (the normal class)."""
+    level = torch.rand(n, 1, 1, 1, generator=g) * 0.4 - 0.2
+    return level.expand(n, 3, res, res) + 0.05 * torch.randn(n, 3, res, res, generator=g)
+
+
+def toy_defects(n, g, res=16):
+    """Class 1: a bright 4x4 square, class 2: a dark one, anywhere on the surface."""
+    x, labels = toy_images(n, g, res).clone(), torch.randint(1, 3, (n,), generator=g)
+    for i in range(n):
+        r, c = torch.randint(0, res - 4, (2,), generator=g).tolist()
+        x[i, :, r:r + 4, c:c + 4] = 0.9 if labels[i] == 1 else -0.9
+    return x, labels
+
+
+@pytest.mark.slow
+def test_trained_generator_confines_the_mask_to_the_requested_region():
+    # Trained with constant control maps only (as the paper), then asked for a defect inside a box.
+    spec = DataSpec(resolution=16, channels=3, classes=("normal", "bright", "dark"))
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(lr_g=1e-3, lr_d=1e-3, n_critic=1, lambda_cls_fake=5.0, lambda_rec=5.0), spec)
+    opt_g, opt_d = fam.make_optimizers()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        b, label_b = toy_defects(4, g)
+        engine_iteration(fam, {"a": toy_images(4, g), "b": b, "label_b": label_b}, opt_g, opt_d)
+    normal = toy_images(16, g)
+    region = torch.zeros(16, 1, 16, 16)
+    for i in range(16):
+        r, c = torch.randint(0, 9, (2,), generator=g).tolist()
+        region[i, :, r:r + 8, c:c + 8] = 1                            # a quarter of the image
+    _, m = fam.synthesize(normal, torch.randint(1, 3, (16,), generator=g), region)
+    inside = (m * region).sum() / region.sum()
+    outside = (m * (1 - region)).sum() / (1 - region).sum()
+    assert inside > 3 * outside
+    assert (m * region).sum() / m.sum() > 0.5                          # most mask mass in 25% of the area
+
+
+# ---- synthesis API -------------------------------------------------------------------------------------
+
+def test_synthesize_and_place_defect(tiny_spec):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(), tiny_spec)
+    x = unpaired_batch(tiny_spec)["a"]
+    images, masks = fam.synthesize(x, torch.tensor([1, 2, 1, 2]), box_region(4, 16, 4, 12))
+    assert images.shape == (4, 3, 16, 16) and masks.shape == (4, 1, 16, 16)
+    assert images.abs().max() <= 1 and 0 <= masks.min() and masks.max() <= 1
+    # A box is the same as the equivalent mask; a class name is its index.
+    torch.manual_seed(1)
+    by_box, m_box, lab = fam.place_defect(x[0], "spot", box=(0.25, 0.25, 0.75, 0.75))
+    torch.manual_seed(1)
+    by_mask, m_mask, _ = fam.place_defect(x[0], 2, mask=box_region(1, 16, 4, 12)[0, 0])
+    assert by_box.shape == (3, 16, 16) and m_box.shape == (1, 16, 16) and lab.tolist() == [2]
+    torch.testing.assert_close(by_box, by_mask)
+    torch.testing.assert_close(m_box, m_mask)
+    # No region: the constant map of training.
+    torch.manual_seed(2)
+    whole, _ = fam.synthesize(x, torch.tensor([1, 1, 1, 1]))
+    torch.manual_seed(2)
+    again, _, _ = fam.place_defect(x, 1)
+    torch.testing.assert_close(whole, again)
+
+
+def test_synthesis_input_errors_are_clear(tiny_spec):
+    fam = DefectGAN(tiny_cfg(), tiny_spec)
+    x = unpaired_batch(tiny_spec)["a"]
+    with pytest.raises(PipelineError, match=r"expected \(16, 16\).*got|\(8, 8\)"):
+        fam.place_defect(x[0], 1, mask=torch.ones(8, 8))
+    with pytest.raises(PipelineError, match=r"\(4, 1, 16, 16\), got \(4, 1, 8, 8\)"):
+        fam.synthesize(x, torch.tensor([1, 1, 1, 1]), torch.ones(4, 1, 8, 8))
+    with pytest.raises(PipelineError, match="defect classes 1..2"):
+        fam.synthesize(x, torch.tensor([0, 1, 1, 1]))
+    with pytest.raises(PipelineError, match=r"shape \(4,\)"):
+        fam.synthesize(x, torch.tensor([1, 1]))
+    with pytest.raises(PipelineError, match=r"\(B, 3, H, W\)"):
+        fam.synthesize(x[:, :1], torch.tensor([1, 1, 1, 1]))
+    with pytest.raises(PipelineError, match="box"):
+        fam.place_defect(x[0], 1, box=(0.5, 0.5, 0.2, 0.9))
+    with pytest.raises(PipelineError, match="not both"):
+        fam.place_defect(x[0], 1, mask=torch.ones(16, 16), box=(0, 0, 1, 1))
+    with pytest.raises(PipelineError, match="unknown defect class 'dent'"):
+        fam.place_defect(x[0], "dent")
+
+
+def test_noise_injection_gives_stochastic_variation(tiny_spec):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(), tiny_spec)
+    with torch.no_grad():
+        for layer in fam.G.modules():
+            if isinstance(layer, NoiseInjection):
+                layer.weight.fill_(0.5)
+    x, labels = unpaired_batch(tiny_spec)["a"], torch.tensor([1, 2, 1, 2])
+    first, _ = fam.synthesize(x, labels)
+    second, _ = fam.synthesize(x, labels)
+    assert not torch.allclose(first, second)
+    torch.manual_seed(7)
+    a, _ = fam.synthesize(x, labels)
+    torch.manual_seed(7)
+    b, _ = fam.synthesize(x, labels)
+    assert torch.equal(a, b)
+
+
+def test_sample_rows_and_training_rng_untouched(tiny_spec):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(), tiny_spec)
+    batch = unpaired_batch(tiny_spec)
+    state = torch.random.get_rng_state()
+    rows = fam.sample(batch, fam.generators())
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert {"normal", "defaced", "mask", "restored", "placed_center", "real_defect", "real_restored"} <= set(rows)
+    for row in rows.values():
+        assert row.shape == (4, 3, 16, 16) and row.abs().max() <= 1
+
+
+def test_config_validation_and_resolution_check():
+    with pytest.raises(ParamsError, match="train.defectgan.lambda_rec"):
+        from_dict(Config, {"lambda_rec": -1}, "train.defectgan")
+    with pytest.raises(ParamsError, match="Did you mean 'train.defectgan.n_critic'"):
+        from_dict(Config, {"n_critics": 5}, "train.defectgan")
+    with pytest.raises(PipelineError, match="n_down"):
+        DefectGAN(tiny_cfg(n_down=3), DataSpec(resolution=8, channels=3, classes=("normal", "a")))
+    assert DefectGAN.data_kind == "unpaired" and DefectGAN.name == "defectgan"
