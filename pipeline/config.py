@@ -89,6 +89,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
 def from_dict(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and bad types.
 
@@ -97,17 +101,18 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ParamsError(f"params section '{where}' must be a mapping, got {data!r}.")
+        raise ParamsError(f"params section '{where or 'top level'}' must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f" Did you mean '{where}.{close[0]}'?" if close else ""
-        raise ParamsError(f"unknown params key '{where}.{key}'.{hint} "
-                          f"Known keys in '{where}': {', '.join(sorted(fields))}.")
-    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+        hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
+        section = f"'{where}'" if where else "the top level"
+        raise ParamsError(f"unknown params key '{_join(where, key)}'.{hint} "
+                          f"Known keys in {section}: {', '.join(sorted(fields))}.")
+    kwargs = {name: _coerce(value, hints[name], _join(where, name)) for name, value in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
@@ -167,6 +172,33 @@ class SplitParams:
         require(self.train > 0, f"{where}.train", "must be greater than 0.")
 
 
+# Names the synthetic generator knows (pipeline/data/synthetic.py); aliases render the same way.
+SYNTHETIC_DEFECTS = ("scratch", "spot", "stain", "crack", "pit", "dent")
+SYNTHETIC_TEXTURES = ("brushed_metal", "woven_fabric", "speckled", "granular")
+
+
+def _known_names(values: list[str], known: tuple[str, ...], key: str) -> None:
+    for value in values:
+        if value not in known:
+            hint = difflib.get_close_matches(str(value), known, n=1)
+            extra = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ParamsError(f"params key '{key}' has unknown name {value!r}; known: "
+                              f"{', '.join(known)}.{extra}")
+    require(len(set(values)) == len(values), key, f"lists a name twice: {values!r}.")
+
+
+def _regex(value: Optional[str], key: str, groups: int = 0) -> None:
+    import re
+
+    if value is None:
+        return
+    try:
+        compiled = re.compile(value)
+    except re.error as err:
+        raise ParamsError(f"params key '{key}' is not a valid regular expression ({err}): {value!r}.") from None
+    require(compiled.groups >= groups, key, f"needs a capture group, e.g. '^(\\w+)_', got {value!r}.")
+
+
 @dataclass
 class SyntheticSourceParams:
     """The embedded procedural source: industrial surfaces with exactly-masked defects."""
@@ -182,6 +214,8 @@ class SyntheticSourceParams:
         require(self.paired >= 0, f"{where}.paired", "must be 0 or more.")
         require(len(self.classes) >= 1, f"{where}.classes", "must name at least one defect class.")
         require(len(self.textures) >= 1, f"{where}.textures", "must name at least one texture.")
+        _known_names(self.classes, SYNTHETIC_DEFECTS, f"{where}.classes")
+        _known_names(self.textures, SYNTHETIC_TEXTURES, f"{where}.textures")
 
 
 @dataclass
@@ -192,6 +226,28 @@ class FolderSourceParams:
     masks_required: bool = False
     class_map: dict[str, str] = field(default_factory=dict)   # folder name -> class name
     class_regex: Optional[str] = None                          # first group of the match is the class
+    # Top-level folders under root that are not classes (e.g. a parallel masks/ tree).
+    exclude_dirs: list[str] = field(default_factory=lambda: ["masks", "ground_truth"])
+    # Source id (split grouping key) = first group of this regex searched in the file stem;
+    # None: every file is its own source. E.g. '^(part\d+)' keeps all views of a part together.
+    source_regex: Optional[str] = None
+
+    def validate(self, where: str) -> None:
+        _regex(self.class_regex, f"{where}.class_regex", groups=1)
+        _regex(self.source_regex, f"{where}.source_regex", groups=1)
+        if self.mask_pattern is not None:
+            import string
+
+            allowed = {"stem", "name", "ext", "folder", "class", "rel", "root"}
+            try:
+                names = {f for _, f, _, _ in string.Formatter().parse(self.mask_pattern) if f is not None}
+            except ValueError as err:
+                raise ParamsError(f"params key '{where}.mask_pattern' is malformed ({err}).") from None
+            bad = sorted(names - allowed)
+            require(not bad, f"{where}.mask_pattern",
+                    f"uses unknown placeholder(s) {bad}; allowed: {', '.join(sorted(allowed))}.")
+            require("{stem}" in self.mask_pattern or "{name}" in self.mask_pattern, f"{where}.mask_pattern",
+                    "must contain {stem} or {name} so each image finds its own mask.")
 
 
 @dataclass
@@ -200,6 +256,11 @@ class RootSourceParams:
 
     root: str = ""
     layout: Literal["split", "AB"] = "split"   # paired only: A/ + B/ folders, or side-by-side AB images
+    # paired only, when no masks/<stem>.png exists: mask = max |B - A| > this (0..255); 0 = no mask.
+    diff_mask_threshold: int = 0
+
+    def validate(self, where: str) -> None:
+        require(0 <= self.diff_mask_threshold <= 255, f"{where}.diff_mask_threshold", "must be in 0..255.")
 
 
 @dataclass
@@ -208,6 +269,11 @@ class ElpvSourceParams:
     defect_threshold: float = 0.67
     per_class: int = 0          # 0 = all images
     cell_type: Literal["any", "mono", "poly"] = "any"
+
+    def validate(self, where: str) -> None:
+        require(0 < self.defect_threshold <= 1, f"{where}.defect_threshold",
+                f"must be in (0, 1], got {self.defect_threshold!r}.")
+        require(self.per_class >= 0, f"{where}.per_class", f"must be 0 (all) or more, got {self.per_class!r}.")
 
 
 @dataclass
@@ -233,6 +299,7 @@ class PrepareParams:
     channels: Literal[1, 3] = 3
     strict: bool = False          # true: a bad input file stops the run; false: skip and report
     mask_threshold: int = 127     # mask pixels > threshold are defect
+    resize: Literal["crop", "stretch"] = "crop"   # crop: centre square then resize; stretch: resize whole
     split: SplitParams = field(default_factory=SplitParams)
     synthetic: SyntheticSourceParams = field(default_factory=SyntheticSourceParams)
     folder: FolderSourceParams = field(default_factory=FolderSourceParams)
@@ -280,16 +347,30 @@ class TrainCommonParams:
 
 @dataclass
 class RayParams:
-    """Cluster resources. Not DVC params on purpose: changing them must not retrain models."""
+    """Cluster resources. Not DVC params on purpose: changing them must not retrain models.
 
-    address: Optional[str] = None
+    The per-worker batch size is `train.common.batch_size` (a DVC param: it changes results).
+    """
+
+    address: Optional[str] = None       # join this cluster (also RAY_ADDRESS); local Ray when None
     num_workers: int = 1
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0        # fractions allowed (0.5: two workers share a core)
     use_gpu: bool = False
-    storage_path: str = "ray_results"   # local folder, shared filesystem or s3:// URI
+    gpus_per_worker: float = 1.0        # only with use_gpu
+    storage_path: str = "ray_results"   # run folders + checkpoints; relative = to the current dir; or s3://...
+    checkpoints_to_keep: int = 2        # newest Ray checkpoints kept per run
+    num_cpus: Optional[int] = None      # CPUs of a local Ray instance (default: all cores)
+    object_store_mb: int = 256          # object store of a local Ray instance (checkpoints go to storage)
+    include_dashboard: bool = False     # local Ray dashboard on 127.0.0.1 (costs ~1 s and memory)
 
     def validate(self, where: str) -> None:
-        positive(self, where, "num_workers", "cpus_per_worker")
+        positive(self, where, "num_workers", "cpus_per_worker", "checkpoints_to_keep", "object_store_mb")
+        if self.use_gpu:
+            positive(self, where, "gpus_per_worker")
+        require(self.num_cpus is None or self.num_cpus > 0, f"{where}.num_cpus",
+                f"must be greater than 0 (or omitted for all cores), got {self.num_cpus!r}.")
+        require(self.object_store_mb >= 80, f"{where}.object_store_mb",
+                f"must be at least 80 (Ray's minimum), got {self.object_store_mb!r}.")
 
 
 # --------------------------------------------------------------------------- generate / evaluate / downstream
@@ -307,6 +388,11 @@ class GenerateParams:
     min_mask_fraction: float = 0.002  # quality filter: drop near-empty masks
     max_mask_fraction: float = 0.9    # ... and masks covering almost everything
     batch_size: int = 16
+    max_rounds: int = 5             # extra rounds (new seeds) to replace filtered samples
+    normal_split: Literal["train", "val", "test"] = "train"   # normal images the defects are put on
+    # Ray resources (do not change the output: every sample has its own seed).
+    num_actors: int = 2             # generator actors (each loads the EMA generator once)
+    cpus_per_actor: float = 0.5     # fractional: a full CPU per actor starves the reader on small machines
 
     def validate(self, where: str) -> None:
         positive(self, where, "per_class", "batch_size")
@@ -323,6 +409,29 @@ class EvaluateParams:
     seed: int = 0
     feature_epochs: int = 3
     inception_weights: Optional[str] = None   # local path; Inception metrics only when given
+    # Real images the synthetic sets are compared with (held out from GAN training by default).
+    real_splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["test", "val"])
+    per_class: bool = True              # also score each class (fake class k vs real class k)
+    feature_batch_size: int = 64        # domain feature network: training and inference batch
+    feature_min_steps: int = 200        # ... and at least this many optimizer steps (small datasets)
+    swd_projections: int = 512          # random directions (ProGAN: 4 repeats x 128)
+    swd_patches_per_image: int = 128    # 7x7 neighbourhoods sampled per image per pyramid level
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000         # clipped to the smaller set
+    duplicate_space: Literal["pixels", "features"] = "pixels"
+    duplicate_percentile: float = 1.0   # threshold = this percentile of real-real NN distances
+    inception_size: int = 299           # images are resized to this side before the Inception module
+
+    def validate(self, where: str) -> None:
+        from pipeline.metrics.registry import validate_metric_names  # local: metrics import torch
+
+        validate_metric_names(self.metrics, key=f"{where}.metrics")
+        positive(self, where, "feature_epochs", "feature_batch_size", "swd_projections",
+                 "swd_patches_per_image", "kid_subsets", "kid_subset_size", "inception_size")
+        require(0 < self.duplicate_percentile < 100, f"{where}.duplicate_percentile",
+                f"is a percentile in (0, 100), got {self.duplicate_percentile!r}.")
+        require(len(self.real_splits) >= 1, f"{where}.real_splits", "must name at least one split.")
+        require(self.feature_min_steps >= 0, f"{where}.feature_min_steps", "must be 0 or more.")
 
 
 @dataclass
@@ -333,9 +442,18 @@ class DownstreamParams:
     batch_size: int = 32
     lr: float = 2e-3
     synthetic_per_class: int = 40
+    # Few-shot caps apply to defect classes only; normal images are plentiful on a real line,
+    # so by default every normal training image is kept. True caps normals at the same number.
+    cap_normals: bool = False
+    width: int = 32                     # channels of the classifier's first stage (x2, x4 after)
+    min_steps: int = 100                # optimizer steps at least (epochs count passes over the largest set)
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: CPU/GPU autocast for the forward pass
 
     def validate(self, where: str) -> None:
-        positive(self, where, "epochs", "batch_size", "lr", "synthetic_per_class")
+        positive(self, where, "epochs", "batch_size", "lr", "synthetic_per_class", "width")
+        require(len(self.seeds) >= 1, f"{where}.seeds", "must list at least one seed.")
+        require(self.min_steps >= 0, f"{where}.min_steps", "must be 0 or more.")
+        require(len(self.shots) >= 1, f"{where}.shots", "must list at least one cap.")
         require(all(s > 0 for s in self.shots), f"{where}.shots", "must all be greater than 0.")
 
 
@@ -360,7 +478,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"params file {path} is not valid YAML: {err}") from None
-    params = from_dict(Params, data, "params")
+    params = from_dict(Params, data, "")
     # Validate every train section eagerly so a typo fails before any work starts.
     for family in params.train:
         if family != "common":

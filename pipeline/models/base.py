@@ -115,6 +115,10 @@ class GANFamily(nn.Module):
         """
         raise NotImplementedError
 
+    def export_generator(self, generators: dict[str, nn.Module]) -> nn.Module:
+        """The single module saved as the product's model (EMA weights), e.g. CycleGAN's X->Y."""
+        return next(iter(generators.values()))
+
     # ---- synthesis (generation stage) ----------------------------------------------------
     # Families whose generator cannot choose a defect class (cyclegan, pix2pix: one defect
     # domain) set this False; their samples are labelled "defect" and the downstream

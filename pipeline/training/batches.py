@@ -55,7 +55,7 @@ class BatchSource:
 
     def __init__(self, data_kind: str, prepared_dir: Path, seed: int, shard: tuple[int, int],
                  augment=None, split: str = "train"):
-        from pipeline.data.datasets import decode_images, decode_pairs
+        from pipeline.data.datasets import decode_images, decode_pairs, unpaired_normal_mask
 
         self.kind, self.augment, self.seed = data_kind, augment, seed
         self.gen = torch.Generator().manual_seed(seed)
@@ -68,9 +68,12 @@ class BatchSource:
             if data_kind == "labelled":
                 self.pools = {"all": Pool(data, self.gen, "images")}
             elif data_kind == "unpaired":
-                normal = data["label"] == 0
+                # Normals whose source also has a defect image are left out, so the two
+                # domains never share a physical part (prepare marks them).
+                normal = torch.as_tensor(unpaired_normal_mask(prepared_dir, split, shard))
+                defect = data["label"] != 0
                 self.pools = {"a": Pool({k: v[normal] for k, v in data.items()}, self.gen, "normal"),
-                              "b": Pool({k: v[~normal] for k, v in data.items()}, self.gen, "defect")}
+                              "b": Pool({k: v[defect] for k, v in data.items()}, self.gen, "defect")}
             else:
                 raise ValueError(f"unknown data kind {data_kind!r}")
 

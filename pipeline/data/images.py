@@ -1,0 +1,214 @@
+"""Load, validate and convert one image or mask; encode/decode PNG bytes.
+
+Everything here works on a single file and raises `BadInput` (a `DataError` naming the file,
+what is wrong and how to fix it). `prepare` decides whether a bad file stops the run
+(`prepare.strict: true`) or is skipped and listed in stats.json.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.errors import DataError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+class BadInput(DataError):
+    """One input file cannot be used. `path`, `reason` and `fix` are kept for stats.json."""
+
+    def __init__(self, path: Path | str, reason: str, fix: str = "re-export it or remove it"):
+        self.path = str(path)
+        self.reason = reason
+        self.fix = fix
+        super().__init__(f"bad input file {path}: {reason}. Fix: {fix} "
+                         "(or set prepare.strict: false to skip bad files and list them in stats.json).")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode `path` (so truncated files fail here, not later)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise BadInput(path, f"cannot be read ({err.strerror})", "check the path and its permissions") from None
+    if size == 0:
+        raise BadInput(path, "file is empty (0 bytes)")
+    try:
+        img = Image.open(path)
+        img.load()
+    except UnidentifiedImageError:
+        raise BadInput(path, "is not an image file Pillow can read (wrong extension or not an image)",
+                       "convert it to PNG/JPEG or remove it") from None
+    except Image.DecompressionBombError as err:
+        raise BadInput(path, f"is too large to decode safely ({err})", "downscale it") from None
+    except Exception as err:  # truncated / corrupt data: OSError, SyntaxError, ValueError, zlib.error...
+        raise BadInput(path, f"is corrupt or truncated ({type(err).__name__}: {err})") from None
+    if img.width <= 0 or img.height <= 0:
+        raise BadInput(path, f"has an empty size {img.width}x{img.height}")
+    return img
+
+
+def _sixteen_to_eight(img: Image.Image) -> Image.Image:
+    a = np.asarray(img)
+    if img.mode == "I" and a.size and int(a.max()) <= 255 and int(a.min()) >= 0:
+        return Image.fromarray(a.astype(np.uint8))
+    a = np.clip(np.rint(a.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+def _float_to_eight(img: Image.Image) -> Image.Image:
+    a = np.asarray(img, dtype=np.float64)
+    if a.size and np.nanmax(a) <= 1.0:
+        a = a * 255.0
+    return Image.fromarray(np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8))
+
+
+def to_base_mode(img: Image.Image, notes: Optional[Counter] = None) -> Image.Image:
+    """Any Pillow mode -> "L" or "RGB" (8 bit). Records non-trivial conversions in `notes`."""
+    mode = img.mode
+    note = None
+    if mode in ("L", "RGB"):
+        out = img
+    elif mode in _SIXTEEN_BIT or mode == "I":
+        out = _sixteen_to_eight(img)
+        note = f"{mode} (16/32-bit integer) scaled to 8-bit"
+    elif mode == "F":
+        out = _float_to_eight(img)
+        note = "F (float) scaled to 8-bit"
+    elif mode == "1":
+        out = img.convert("L")
+        note = "1 (bilevel) converted to 8-bit grayscale"
+    elif mode == "LA" or mode == "La":
+        out = img.getchannel(0)
+        note = f"{mode} converted to L (alpha dropped)"
+    elif mode in ("RGBA", "RGBa", "RGBX"):
+        out = img.convert("RGB")
+        note = f"{mode} converted to RGB (alpha dropped)" if mode != "RGBX" else None
+    elif mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in img.info
+        out = img.convert("RGBA" if has_alpha else "RGB").convert("RGB")
+        note = f"{mode} (palette) converted to RGB" + (" (alpha dropped)" if has_alpha else "")
+    else:  # CMYK, YCbCr, LAB, HSV, ...
+        try:
+            out = img.convert("RGB")
+        except Exception as err:
+            raise BadInput(getattr(img, "filename", "?") or "?", f"has unsupported mode {mode} ({err})",
+                           "convert it to 8-bit RGB or grayscale") from None
+        note = f"{mode} converted to RGB"
+    if note and notes is not None:
+        notes[note] += 1
+    return out
+
+
+def to_channels(img: Image.Image, channels: int, notes: Optional[Counter] = None) -> Image.Image:
+    """Convert to "L" (channels=1) or "RGB" (channels=3)."""
+    img = to_base_mode(img, notes)
+    target = "L" if channels == 1 else "RGB"
+    if img.mode != target:
+        if notes is not None:
+            notes[f"{img.mode} converted to {target} (prepare.channels={channels})"] += 1
+        img = img.convert(target)
+    return img
+
+
+def mask_to_binary(img: Image.Image, threshold: int) -> Image.Image:
+    """A mask image of any mode -> "L" image with values 0/255 (pixel > threshold is defect)."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        img = _sixteen_to_eight(img)
+    elif mode == "F":
+        img = _float_to_eight(img)
+    if img.mode in ("LA", "La"):
+        img = img.getchannel(0)
+    if img.mode == "L":
+        a = np.asarray(img)
+    elif img.mode == "1":
+        a = np.asarray(img.convert("L"))
+    else:  # colour masks (any non-black colour counts), palette masks via their colours
+        a = np.asarray(img.convert("RGB")).max(axis=2)
+    return Image.fromarray(np.where(a > threshold, 255, 0).astype(np.uint8))
+
+
+def fit_box(width: int, height: int, mode: str) -> tuple[int, int, int, int]:
+    """Source box for resizing: the centred square (crop) or the whole image (stretch)."""
+    if mode == "stretch":
+        return (0, 0, width, height)
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return (left, top, left + side, top + side)
+
+
+def fit(img: Image.Image, resolution: int, mode: str, is_mask: bool = False) -> Image.Image:
+    """Resize (and centre-crop) to resolution x resolution; nearest neighbour for masks."""
+    box = fit_box(img.width, img.height, mode)
+    if img.size == (resolution, resolution) and box == (0, 0, img.width, img.height):
+        return img
+    resample = Image.NEAREST if is_mask else Image.BICUBIC
+    return img.resize((resolution, resolution), resample=resample, box=box)
+
+
+def image_array(img: Image.Image) -> np.ndarray:
+    """HxWxC uint8 array of an "L" or "RGB" image."""
+    a = np.asarray(img, dtype=np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def load_image(path: Path, channels: int, resolution: int, resize: str,
+               notes: Optional[Counter] = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(HxWxC uint8 array at the target size and mode, original (width, height))."""
+    img = open_image(path)
+    size = img.size
+    img = to_channels(img, channels, notes)
+    if notes is not None and min(size) < resolution:
+        notes[f"images smaller than {resolution} px upscaled"] += 1
+    return image_array(fit(img, resolution, resize)), size
+
+
+def load_mask(path: Path, threshold: int, resolution: int, resize: str,
+              expect_size: tuple[int, int], image_path: Path | str) -> np.ndarray:
+    """HxW uint8 0/1 mask aligned with an image of original size `expect_size`."""
+    img = open_image(path)
+    if img.size != tuple(expect_size):
+        raise BadInput(path, f"mask is {img.width}x{img.height} but its image {image_path} is "
+                             f"{expect_size[0]}x{expect_size[1]}", "re-export the mask at the image's size")
+    binary = fit(mask_to_binary(img, threshold), resolution, resize, is_mask=True)
+    return (np.asarray(binary) > 127).astype(np.uint8)
+
+
+def to_uint8_hwc(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return np.ascontiguousarray(a, dtype=np.uint8)
+
+
+def encode_png(a: np.ndarray) -> bytes:
+    """PNG bytes of an HxW / HxWx1 / HxWx3 uint8 array (deterministic)."""
+    a = np.ascontiguousarray(a, dtype=np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_mask_png(mask01: np.ndarray) -> bytes:
+    """PNG (uint8 0/255, mode L) of an HxW 0/1 mask."""
+    return encode_png((np.asarray(mask01) > 0).astype(np.uint8) * 255)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> HxW (L) or HxWx3 uint8 array."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img).copy()

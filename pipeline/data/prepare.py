@@ -1,0 +1,272 @@
+"""`pipeline prepare`: source -> validated, converted, split Parquet dataset (+ stats, preview).
+
+    run_prepare(params.prepare, Path("data/prepared")) -> stats dict
+
+Everything is written into a temporary sibling folder and renamed into place at the end
+(`pipeline.fsutil.atomic_dir`): a failure leaves no partial output and keeps the previous one.
+The output is a pure function of the params and the input files: the same seed gives
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+from pipeline.data import manifest as mf
+from pipeline.data.images import BadInput, encode_mask_png, encode_png
+from pipeline.data.importers import NORMAL, Collected, Ctx, collect
+from pipeline.data.split import SPLITS, UnionFind, assign_splits
+from pipeline.errors import DataError
+from pipeline.fsutil import atomic_dir
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _progress(items: list[T], description: str) -> Iterator[T]:
+    """Iterate with a rich progress bar on a terminal (plain iteration otherwise)."""
+    if not sys.stderr.isatty() or len(items) < 2:
+        yield from items
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=_console(), transient=True) as progress:
+        task = progress.add_task(description, total=len(items))
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    for parent in [out_dir, *out_dir.absolute().parents]:
+        if parent.exists() and not parent.is_dir():
+            what = "is a file" if parent == out_dir else f"cannot be created: {parent} is a file, not a folder"
+            raise DataError(f"output folder {out_dir} {what}. Choose another --out folder.")
+        if parent.exists():
+            break
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / mf.CLASSES_FILE).is_file():
+        raise DataError(f"output folder {out_dir} is not empty and is not a prepared dataset (no "
+                        f"{mf.CLASSES_FILE}); refusing to replace it. Choose another --out folder or empty it.")
+
+
+def _counts(rows: list[dict], classes: list[str]) -> dict:
+    by_class = {c: {**{s: 0 for s in SPLITS}, "total": 0} for c in classes}
+    by_split = {s: 0 for s in SPLITS}
+    for r in rows:
+        by_class[r["label"]][r["split"]] += 1
+        by_class[r["label"]]["total"] += 1
+        by_split[r["split"]] += 1
+    return {"total": len(rows), "by_split": by_split, "by_class": by_class,
+            "with_mask": sum(1 for r in rows if r["has_mask"])}
+
+
+def _unique_ids(rows: Iterable[dict]) -> None:
+    seen: Counter = Counter()
+    for r in rows:
+        seen[r["id"]] += 1
+        if seen[r["id"]] > 1:
+            r["id"] = f"{r['id']}#{seen[r['id']]}"
+
+
+# --------------------------------------------------------------------------- main
+
+def run_prepare(params, out_dir: Path, *, quiet: bool = False) -> dict:
+    """Build the prepared dataset in `out_dir` and return its stats (also written to stats.json).
+
+    The returned dict is stats.json plus "elapsed_s" and "out_dir". `quiet` skips the summary line.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        stats = _prepare_into(params, Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700; give it ordinary folder permissions
+    elapsed = time.perf_counter() - started
+    if quiet:
+        return {**stats, "elapsed_s": elapsed, "out_dir": str(out_dir)}
+    con = _console()
+    im, pr = stats["images"], stats["paired"]
+    con.print(f"prepared {im['total']} images ({', '.join(f'{s} {n}' for s, n in im['by_split'].items())}) and "
+              f"{pr['total']} pairs, {len(stats['classes'])} classes ({', '.join(stats['classes'])}), "
+              f"{stats['resolution']} px x {stats['channels']} ch -> {out_dir} in {elapsed:.1f} s")
+    if stats["skipped_count"]:
+        con.print(f"[yellow]{stats['skipped_count']} file(s) skipped; reasons in {out_dir / mf.STATS_FILE}[/yellow]")
+    return {**stats, "elapsed_s": elapsed, "out_dir": str(out_dir)}
+
+
+def _prepare_into(p, tmp: Path) -> dict:
+    col: Collected = collect(p)
+    ctx = Ctx(resolution=p.resolution, channels=p.channels, resize=p.resize, mask_threshold=p.mask_threshold)
+    classes = [NORMAL] + list(col.classes)
+    label_idx = {c: i for i, c in enumerate(classes)}
+    skipped: list[dict] = []
+
+    def bad(err: BadInput, label: str | None = None) -> None:
+        if p.strict:
+            raise err
+        skipped.append({"path": err.path, "reason": err.reason, **({"label": label} if label else {})})
+
+    for err in col.problems:
+        bad(err)
+
+    res, ch = p.resolution, p.channels
+    image_rows: list[dict] = []
+    pair_rows: list[dict] = []
+
+    def image_row(id_, label, img, mask, has_mask, source_path, source_id) -> dict:
+        png = encode_png(img)
+        return {"schema_version": mf.SCHEMA_VERSION, "id": id_, "split": None, "label": label,
+                "label_idx": label_idx[label], "image_png": png, "mask_png": encode_mask_png(mask),
+                "has_mask": bool(has_mask), "unpaired_pool": False, "width": res, "height": res, "channels": ch,
+                "source_path": source_path, "source_id": source_id, "content_hash": mf.sha256(png)}
+
+    for item in _progress(col.images, f"{p.source}: images"):
+        try:
+            loaded = item.load(ctx)
+        except BadInput as err:
+            bad(err, item.label)
+            continue
+        image_rows.append(image_row(item.id, item.label, loaded.image, loaded.mask, loaded.has_mask,
+                                    item.source_path, item.source_id))
+    for item in _progress(col.pairs, f"{p.source}: pairs"):
+        try:
+            pair = item.load(ctx)
+        except BadInput as err:
+            bad(err, item.label)
+            continue
+        a_png, b_png = encode_png(pair.a), encode_png(pair.b)
+        pair_rows.append({"schema_version": mf.SCHEMA_VERSION, "id": item.id, "split": None, "label": item.label,
+                          "label_idx": label_idx[item.label], "a_png": a_png, "b_png": b_png,
+                          "mask_png": encode_mask_png(pair.mask), "has_mask": bool(pair.has_mask),
+                          "width": res, "height": res, "channels": ch, "source_path": item.source_path,
+                          "source_id": item.source_id, "content_hash": mf.sha256(a_png, b_png)})
+        if item.add_to_images:
+            import numpy as np
+
+            image_rows.append(image_row(f"{item.id}/A", NORMAL, pair.a, np.zeros_like(pair.mask), True,
+                                        item.a_source_path or item.source_path, item.source_id))
+            image_rows.append(image_row(f"{item.id}/B", item.label, pair.b, pair.mask, pair.has_mask,
+                                        item.b_source_path or item.source_path, item.source_id))
+    _unique_ids(image_rows)
+    _unique_ids(pair_rows)
+
+    # Every class must have usable images, or training would silently lose it.
+    have = Counter(r["label"] for r in image_rows) + Counter(r["label"] for r in pair_rows)
+    for cls in col.classes:
+        if not have[cls]:
+            reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+            raise DataError(f"class '{cls}' has no usable images" + (f" (skipped: {reasons})" if reasons else "")
+                            + ". Fix or replace its files.")
+    if not image_rows and not pair_rows:
+        raise DataError(f"source '{p.source}' produced no usable images. See the files listed above.")
+
+    # ---- groups: same source id, or byte-identical content, stay together
+    uf = UnionFind()
+    for r in image_rows + pair_rows:
+        uf.find(r["source_id"])
+    first_by_hash: dict[str, str] = {}
+    duplicates = 0
+    for r in image_rows:
+        prev = first_by_hash.setdefault(r["content_hash"], r["source_id"])
+        if prev != r["source_id"]:
+            duplicates += 1
+            uf.union(prev, r["source_id"])
+    group_labels: dict[str, Counter] = {}
+    for r in image_rows:
+        group_labels.setdefault(uf.find(r["source_id"]), Counter())[r["label"]] += 1
+    strata: dict[str, str] = {}
+    for g, labels in group_labels.items():
+        defects = [(-n, label_idx[c], c) for c, n in labels.items() if c != NORMAL]
+        strata[g] = min(defects)[2] if defects else NORMAL
+    # Pairs whose source has no image rows (synthetic pairs) are stratified by class when every
+    # class has enough pairs for the split, else as one set; a tiny paired set never fails.
+    pair_only: dict[str, str] = {}
+    for r in pair_rows:
+        g = uf.find(r["source_id"])
+        if g not in strata:
+            pair_only.setdefault(g, r["label"])
+    need = sum(1 for f in (p.split.train, p.split.val, p.split.test) if f > 0)
+    per_label = Counter(pair_only.values())
+    by_class = all(n >= need for n in per_label.values())
+    for g, label in pair_only.items():
+        strata[g] = f"paired:{label}" if by_class else "paired:*"
+    per_stratum: Counter = Counter()
+    for r in image_rows:
+        per_stratum[strata[uf.find(r["source_id"])]] += 1
+    for r in pair_rows:
+        g = uf.find(r["source_id"])
+        if strata[g].startswith("paired:"):
+            per_stratum[strata[g]] += 1
+    what = {s: (f"paired set class '{s[7:]}'" if s.startswith("paired:") else f"class '{s}'") for s in strata.values()}
+    for s_name in what:
+        lost = [x for x in skipped if x.get("label") == s_name]
+        if lost:
+            what[s_name] += (f" ({len(lost)} more skipped as bad files, e.g. {lost[0]['path']}: "
+                             f"{lost[0]['reason']})")
+    fractions = {"train": p.split.train, "val": p.split.val, "test": p.split.test}
+    lenient = frozenset(s for s in strata.values() if s.startswith("paired:"))
+    split_of = assign_splits(strata, per_stratum, fractions, p.seed, what, lenient=lenient)
+
+    for r in image_rows + pair_rows:
+        r["split"] = split_of[uf.find(r["source_id"])]
+    # Unpaired pools: defect images, and normal images whose source has no defect image.
+    for r in image_rows:
+        r["unpaired_pool"] = r["label"] != NORMAL or strata[uf.find(r["source_id"])] == NORMAL
+    order = {s: i for i, s in enumerate(SPLITS)}
+    image_rows.sort(key=lambda r: (order[r["split"]], r["label_idx"], r["id"]))
+    pair_rows.sort(key=lambda r: (order[r["split"]], r["label_idx"], r["id"]))
+
+    # ---- write
+    mf.write_table(image_rows, mf.IMAGES_SCHEMA, tmp / mf.IMAGES_FILE)
+    mf.write_table(pair_rows, mf.PAIRED_SCHEMA, tmp / mf.PAIRED_FILE)
+    mf.write_json(tmp / mf.CLASSES_FILE, {"classes": classes, "resolution": res, "channels": ch,
+                                          "schema_version": mf.SCHEMA_VERSION})
+    notes = list(col.notes)
+    notes += [f"{n} image(s): {what_}" for what_, n in sorted(ctx.notes.items())]
+    if duplicates:
+        notes.append(f"{duplicates} image(s) byte-identical to another image after conversion: kept in the "
+                     "same split as their duplicate")
+    excluded = sum(1 for r in image_rows if r["label"] == NORMAL and not r["unpaired_pool"])
+    if excluded:
+        notes.append(f"{excluded} normal image(s) share a source with a defect image and are left out of the "
+                     "unpaired normal pool (unpaired_pool false)")
+    if skipped:
+        notes.append(f"{len(skipped)} file(s) skipped (prepare.strict is false); see 'skipped'")
+    images_stats = _counts(image_rows, classes)
+    images_stats["unpaired_normal_pool"] = sum(1 for r in image_rows if r["label"] == NORMAL and r["unpaired_pool"])
+    images_stats["unpaired_defect_pool"] = sum(1 for r in image_rows if r["label"] != NORMAL)
+    stats = {
+        "schema_version": mf.SCHEMA_VERSION,
+        "source": p.source,
+        "source_root": col.root,
+        "resolution": res,
+        "channels": ch,
+        "seed": p.seed,
+        "classes": classes,
+        "images": images_stats,
+        "paired": _counts(pair_rows, classes),
+        "skipped_count": len(skipped),
+        "skipped": skipped,
+        "notes": notes,
+    }
+    mf.write_json(tmp / mf.STATS_FILE, stats)
+    from pipeline.data.preview import make_preview
+
+    make_preview(image_rows, pair_rows, classes, tmp / mf.PREVIEW_FILE)
+    return stats
