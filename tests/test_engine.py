@@ -63,7 +63,7 @@ class ToyFamily(GANFamily):
         loss = L.d_adversarial(self.cfg.loss, self.D(batch["b"]), self.D(fakes["fake"]))
         if self.calls == self.cfg.nan_at_call:
             loss = loss * float("nan")
-        return loss, {"D/adv": float(loss)}
+        return loss, {"D/adv": float(loss.detach())}
 
     def g_loss(self, batch, fakes):
         adv = L.g_adversarial(self.cfg.loss, self.D(fakes["fake"]))

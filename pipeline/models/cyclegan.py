@@ -93,8 +93,8 @@ class CycleGAN(GANFamily):
     def discriminators(self) -> dict[str, nn.Module]:
         return {"D_Y": self.D_Y, "D_X": self.D_X}
 
-    def export_generator(self) -> nn.Module:
-        return self.G                           # normal -> defect
+    def export_generator(self, generators: dict[str, nn.Module]) -> nn.Module:
+        return generators["G"]                  # normal -> defect
 
     def make_optimizers(self):
         betas = (self.cfg.beta1, self.cfg.beta2)

@@ -93,9 +93,6 @@ class DCGAN(GANFamily):
     def discriminators(self) -> dict[str, nn.Module]:
         return {"D": self.D}
 
-    def export_generator(self) -> nn.Module:
-        return self.G
-
     @property
     def n_critic(self) -> int:
         if self.cfg.n_critic is not None:

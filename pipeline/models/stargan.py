@@ -131,9 +131,6 @@ class StarGAN(GANFamily):
     def discriminators(self) -> dict[str, nn.Module]:
         return {"D": self.D}
 
-    def export_generator(self) -> nn.Module:
-        return self.G
-
     def make_optimizers(self):
         betas = (self.cfg.beta1, self.cfg.beta2)
         return (torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr, betas=betas),

@@ -1,0 +1,273 @@
+"""The evaluate stage: every requested metric, per synthetic model, overall and per class.
+
+Comparisons (real = prepared images of `evaluate.real_splits`, held out from GAN training by
+default):
+  overall        all of a model's samples vs the real images of the classes it generated
+                 ("defect"-labelled samples count as every defect class)
+  per class k    the model's class-k samples vs real class-k images; "defect" samples vs all
+                 real defect images (label_idx >= 1)
+
+Outputs (written atomically into `out_dir`):
+  metrics.json   DVC metrics: {"models": {model: {"overall": {...}, "per_class": {...}}}, ...}
+                 NaN (not computable) is written as null.
+  table.md       models x metrics, like the Defect-GAN paper's comparison table, + per class
+  feature_net.pt the cached domain feature network (reused when data and settings match)
+MLflow: through `pipeline.tracking.log_evaluation(metrics, artifacts)` when that module exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import track
+
+from pipeline.errors import DataError
+from pipeline.fsutil import atomic_dir
+from pipeline.metrics.data import (DEFECT_LABEL, ImageSet, PreparedInfo, SyntheticSet, find_model_folders,
+                                   load_real, load_synthetic, read_prepared_info)
+from pipeline.metrics.registry import MetricContext, MetricSpec, compute_metric, validate_metric_names
+
+log = logging.getLogger(__name__)
+
+MIN_IMAGES = 2     # per side; fewer and a comparison is reported as null
+
+
+def needed_spaces(specs: list[MetricSpec], params) -> set[str]:
+    """Feature spaces to compute: what the metrics declare, plus domain features for the
+    diversity metrics when `evaluate.duplicate_space` is `features`."""
+    needs = set().union(*(s.needs for s in specs)) if specs else set()
+    if params.duplicate_space == "features" and \
+            {s.name for s in specs} & {"duplicate_rate", "mean_pairwise_distance"}:
+        needs.add("domain")
+    return needs
+
+
+def comparison_groups(fake: SyntheticSet, real_labels: np.ndarray,
+                      classes: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(group name, real indices, fake indices)]: "overall" first, then one per generated label."""
+    names = [c for c in classes if c in set(fake.label_names)]
+    if DEFECT_LABEL in set(fake.label_names):
+        names.append(DEFECT_LABEL)
+
+    def real_of(name: str) -> np.ndarray:
+        if name == DEFECT_LABEL:
+            return np.nonzero(real_labels >= 1)[0]
+        return np.nonzero(real_labels == classes.index(name))[0]
+
+    overall_real = np.unique(np.concatenate([real_of(n) for n in names])) if names else np.zeros(0, int)
+    groups = [("overall", overall_real, np.arange(len(fake)))]
+    groups += [(n, real_of(n), np.nonzero(fake.label_names == n)[0]) for n in names]
+    return groups
+
+
+def score_group(specs: list[MetricSpec], params, real: ImageSet, fake: SyntheticSet,
+                real_idx: np.ndarray, fake_idx: np.ndarray,
+                features: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """All metrics for one (real subset, fake subset) comparison."""
+    out: dict[str, Any] = {"n_real": int(len(real_idx)), "n_fake": int(len(fake_idx))}
+    if len(real_idx) < MIN_IMAGES or len(fake_idx) < MIN_IMAGES:
+        out.update({s.name: math.nan for s in specs})
+        out["note"] = f"too few images (need {MIN_IMAGES} real and {MIN_IMAGES} synthetic)"
+        return out
+    ctx = MetricContext(
+        params=params, seed=params.seed,
+        features={space: (r[real_idx], f[fake_idx]) for space, (r, f) in features.items()},
+        fake_masks=fake.masks[fake_idx], fake_regions=fake.regions[fake_idx],
+        has_region=fake.has_region[fake_idx])
+    for spec in specs:
+        out.update(compute_metric(spec, real.images[real_idx], fake.images[fake_idx], ctx))
+    return out
+
+
+def _feature_spaces(needs: set[str], params, prepared_dir: Path, info: PreparedInfo, real: ImageSet,
+                    synth: dict[str, SyntheticSet], cache_in: Path, cache_out: Path
+                    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """(real features by space, fake features by model and space, feature network info)."""
+    real_f: dict[str, np.ndarray] = {}
+    fake_f: dict[str, dict[str, np.ndarray]] = {m: {} for m in synth}
+    meta: dict[str, Any] = {}
+    if "domain" in needs:
+        from pipeline.metrics import features as fx
+
+        train = load_real(prepared_dir, ["train"])
+        if len(train) < 2:
+            raise DataError(f"{prepared_dir} has {len(train)} training image(s); the domain feature network "
+                            "needs at least 2. Prepare more data or drop the *_domain metrics.")
+        net, net_info = fx.domain_feature_net(
+            train.images, train.labels, len(info.classes),
+            data_digest=fx.file_digest(Path(prepared_dir) / "images.parquet"),
+            epochs=params.feature_epochs, seed=params.seed, batch_size=params.feature_batch_size,
+            min_steps=params.feature_min_steps, cache_in=cache_in, cache_out=cache_out)
+        bs = params.feature_batch_size
+        real_f["domain"] = fx.extract_features(net, real.images, bs)
+        for model, s in synth.items():
+            fake_f[model]["domain"] = fx.extract_features(net, s.images, bs)
+        heldout_acc = float(np.mean(fx.predict(net, real.images, bs) == real.labels))
+        meta["domain"] = {"network": "DomainFeatureNet (small CNN trained on the real training split; "
+                                     "NOT Inception)", "cached": net_info.cached, "key": net_info.key,
+                          "heldout_accuracy": heldout_acc, **net_info.config}
+    if "inception" in needs:
+        from pipeline.metrics.inception import inception_features, load_inception
+
+        module = load_inception(params.inception_weights)
+        real_f["inception"] = inception_features(module, real.images, params.inception_size)
+        for model, s in synth.items():
+            fake_f[model]["inception"] = inception_features(module, s.images, params.inception_size)
+        meta["inception"] = {"weights": str(params.inception_weights), "size": params.inception_size}
+    return real_f, fake_f, meta
+
+
+def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path,
+                 models: list[str]) -> dict:
+    """Score each model's synthetic set against held-out real images; write metrics.json + table.md."""
+    prepared_dir, synthetic_root, out_dir = Path(prepared_dir), Path(synthetic_root), Path(out_dir)
+    # ---- everything that can be wrong is checked before any work
+    specs = validate_metric_names(list(params.metrics))
+    needs = needed_spaces(specs, params)
+    if "inception" in needs:
+        from pipeline.metrics.inception import check_inception_weights
+
+        check_inception_weights(params.inception_weights)
+    info = read_prepared_info(prepared_dir)
+    found, notes = find_model_folders(synthetic_root, models)
+    synth = {m: load_synthetic(p, info, m) for m, p in found.items()}
+    for m, s in synth.items():
+        if not s.has_region.any() and "mask_in_region" in params.metrics:
+            notes.append(f"{m}: no sample carries a placement region; mask_in_region is null.")
+    real = load_real(prepared_dir, list(params.real_splits)) if synth else None
+    if real is not None and len(real) == 0:
+        raise DataError(f"{prepared_dir} has no images in splits {list(params.real_splits)}; "
+                        "set evaluate.real_splits to splits that hold images (e.g. [train]).")
+
+    cache_in = out_dir / "feature_net.pt"
+    with atomic_dir(out_dir) as tmp:
+        results: dict[str, Any] = {}
+        meta: dict[str, Any] = {}
+        if synth:
+            real_f, fake_f, meta = _feature_spaces(needs, params, prepared_dir, info, real, synth,
+                                                   cache_in, tmp / "feature_net.pt")
+            for model in track(list(synth), description="evaluate models", transient=True):
+                s = synth[model]
+                feats = {sp: (real_f[sp], fake_f[model][sp]) for sp in real_f}
+                groups = comparison_groups(s, real.labels, info.classes)
+                if not params.per_class:
+                    groups = groups[:1]
+                entry: dict[str, Any] = {"n_samples": len(s), "class_labelled": s.class_labelled}
+                for name, r_idx, f_idx in groups:
+                    scores = score_group(specs, params, real, s, r_idx, f_idx, feats)
+                    if name == "overall":
+                        entry["overall"] = scores
+                    else:
+                        entry.setdefault("per_class", {})[name] = scores
+                results[model] = entry
+        else:
+            notes.append("no synthetic sets found: nothing to evaluate.")
+        metrics = {
+            "metrics": [s.name for s in specs],
+            "real": {"splits": list(params.real_splits), "n": 0 if real is None else len(real)},
+            "features": meta,
+            "models": results,
+            "notes": notes,
+        }
+        (tmp / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+        (tmp / "table.md").write_text(render_table(metrics, specs))
+    _log_to_tracking(metrics, [out_dir / "metrics.json", out_dir / "table.md"])
+    return metrics
+
+
+# --------------------------------------------------------------------------- outputs
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else obj
+    if isinstance(obj, (np.floating, np.integer)):
+        return _json_safe(obj.item())
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def render_table(metrics: dict, specs: list[MetricSpec]) -> str:
+    """Markdown: models x metrics (overall), then one models x classes table per metric."""
+    arrow = {s.name: "↓" if s.lower_is_better else "↑" for s in specs}
+    names = [s.name for s in specs]
+    lines = ["# Synthetic data evaluation", "",
+             f"Real reference: {metrics['real']['n']} images from splits "
+             f"{', '.join(metrics['real']['splits'])}. ↓ lower is better, ↑ higher is better "
+             "(mean_pairwise_distance: compare with the real value).", ""]
+    models = metrics["models"]
+    if models:
+        lines += ["| model | n | " + " | ".join(f"{n} {arrow[n]}" for n in names) + " |",
+                  "|---|---:|" + "---:|" * len(names)]
+        for model, entry in models.items():
+            ov = entry["overall"]
+            lines.append(f"| {model} | {ov['n_fake']} | " + " | ".join(_fmt(ov.get(n)) for n in names) + " |")
+        lines.append("")
+        details = sorted({k for e in models.values() for k in e["overall"]
+                          if k not in names and k not in ("n_real", "n_fake", "note")})
+        if details:
+            lines += ["Details (overall):", "",
+                      "| model | " + " | ".join(details) + " |", "|---|" + "---:|" * len(details)]
+            for model, entry in models.items():
+                lines.append(f"| {model} | " + " | ".join(_fmt(entry["overall"].get(k)) for k in details) + " |")
+            lines.append("")
+        classes = [c for e in models.values() for c in e.get("per_class", {})]
+        classes = list(dict.fromkeys(classes))
+        if classes:
+            lines += ["## Per class (synthetic class k vs real class k; 'defect' vs all real defects)", ""]
+            for n in names:
+                lines += [f"### {n} {arrow[n]}", "", "| model | " + " | ".join(classes) + " |",
+                          "|---|" + "---:|" * len(classes)]
+                for model, entry in models.items():
+                    pc = entry.get("per_class", {})
+                    lines.append(f"| {model} | " + " | ".join(_fmt(pc.get(c, {}).get(n)) for c in classes) + " |")
+                lines.append("")
+    feats = metrics.get("features", {})
+    lines += ["## What the metrics measure", ""]
+    lines += [f"- `{s.name}` {arrow[s.name]}: {s.description}." for s in specs]
+    if "domain" in feats:
+        d = feats["domain"]
+        lines += ["", "`*_domain` metrics use features of a small CNN trained by this pipeline on the real "
+                      "training images (not Inception): compare them between models and runs on the same "
+                      "data only, never with published FID/KID values. "
+                      f"Its accuracy on the real reference images: {d['heldout_accuracy']:.3f} "
+                      f"({d['epochs']} epochs, seed {d['seed']}{', loaded from cache' if d['cached'] else ''})."]
+    if metrics["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in metrics["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """{"<model>/<overall|class>/<metric>": value} of the finite numbers, for MLflow."""
+    flat: dict[str, float] = {}
+    for model, entry in metrics["models"].items():
+        groups = {"overall": entry["overall"], **entry.get("per_class", {})}
+        for group, scores in groups.items():
+            for key, value in scores.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    flat[f"{model}/{group}/{key}"] = float(value)
+    return flat
+
+
+def _log_to_tracking(metrics: dict, artifacts: list[Path]) -> None:
+    try:
+        from pipeline.tracking import log_evaluation
+    except ImportError:
+        log.info("pipeline.tracking not available: evaluation not logged to MLflow")
+        return
+    log_evaluation(flat_metrics(metrics), artifacts)
