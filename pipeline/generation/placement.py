@@ -1,0 +1,108 @@
+"""Where defects go: the control map (region) handed to `family.synthesize(..., region)`.
+
+Two modes (params `generate.placement`):
+    random  one axis-aligned box per sample, side uniform in [box_min, box_max] x resolution,
+            position uniform over the image; drawn from the sample's own seed, so the box does
+            not depend on which actor or batch the sample lands in.
+    masks   the user's PNG masks (generate.masks_dir) at the data resolution, used in sorted
+            file-name order and cycled by sample index.
+Regions are uint8 arrays (H, W) in {0, 1}; `to_tensor` stacks them as (B, 1, H, W) float.
+Only Defect-GAN honours the region; other families ignore it (their region_png is still
+written so evaluation can measure mask-in-region).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.errors import DataError
+
+MASK_SUFFIXES = (".png",)
+
+
+def random_box(seed: int, resolution: int, box_min: float, box_max: float) -> np.ndarray:
+    """(H, W) uint8 {0, 1}: one box whose side is a uniform fraction of the image in [box_min, box_max]."""
+    rng = np.random.default_rng(seed)
+    lo = max(1, int(round(box_min * resolution)))
+    hi = max(lo, int(round(box_max * resolution)))
+    h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))   # sides drawn independently
+    y0 = int(rng.integers(0, resolution - h + 1))
+    x0 = int(rng.integers(0, resolution - w + 1))
+    region = np.zeros((resolution, resolution), np.uint8)
+    region[y0:y0 + h, x0:x0 + w] = 1
+    return region
+
+
+def load_user_masks(masks_dir: str | Path | None, resolution: int) -> list[tuple[str, np.ndarray]]:
+    """[(file name, (H, W) uint8 {0, 1})] from the PNGs in `masks_dir`, sorted by name.
+
+    Pixels > 127 are the region. Raises DataError naming the file for a wrong size, an
+    unreadable or empty mask, and naming the folder when it is missing or holds no PNG.
+    """
+    if not masks_dir:
+        raise DataError("generate.placement is 'masks' but generate.masks_dir is not set. "
+                        "Point it to a folder of PNG masks, or use placement: random.")
+    folder = Path(masks_dir)
+    if not folder.is_dir():
+        raise DataError(f"masks folder {folder} (generate.masks_dir) does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in MASK_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"masks folder {folder} (generate.masks_dir) holds no .png file.")
+    masks = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                size = img.size
+                arr = np.asarray(img.convert("L"))
+        except Exception as err:  # PIL raises several types for truncated/corrupt files
+            raise DataError(f"mask {path} is not a readable PNG ({type(err).__name__}: {err}).") from None
+        if size != (resolution, resolution):
+            raise DataError(f"mask {path} is {size[0]}x{size[1]} px; the prepared data is "
+                            f"{resolution}x{resolution} px (classes.json resolution). "
+                            f"Resize the mask to {resolution}x{resolution}.")
+        region = (arr > 127).astype(np.uint8)
+        if not region.any():
+            raise DataError(f"mask {path} is empty (no pixel above 127): it marks no place for a defect.")
+        masks.append((path.name, region))
+    return masks
+
+
+@dataclass
+class Placement:
+    """Turns (sample seed, sample index) into a region. Picklable: it travels to Ray actors."""
+
+    mode: str = "random"                       # "random" | "masks"
+    resolution: int = 32
+    box_min: float = 0.2
+    box_max: float = 0.5
+    masks: list[np.ndarray] = field(default_factory=list)   # mode "masks": (H, W) {0, 1}
+
+    def region(self, seed: int, index: int) -> np.ndarray:
+        if self.mode == "masks":
+            return self.masks[index % len(self.masks)]
+        # A different stream from the torch seed of the same sample (placement never shares
+        # random numbers with the generator's noise).
+        return random_box(seed ^ 0x5EED_B0C5, self.resolution, self.box_min, self.box_max)
+
+    def regions(self, seeds: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """(B, H, W) uint8 {0, 1}."""
+        return np.stack([self.region(int(s), int(i)) for s, i in zip(seeds, indices)])
+
+
+def to_tensor(regions: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, H, W) {0, 1} uint8 -> (B, 1, H, W) float."""
+    return torch.from_numpy(np.ascontiguousarray(regions)).to(device=device, dtype=torch.float32).unsqueeze(1)
+
+
+def placement_from_params(params, resolution: int) -> Placement:
+    """The Placement `generate.*` params describe (user masks loaded and checked here)."""
+    if params.placement == "masks":
+        masks = [m for _, m in load_user_masks(params.masks_dir, resolution)]
+        return Placement("masks", resolution, params.box_min, params.box_max, masks)
+    return Placement("random", resolution, params.box_min, params.box_max)

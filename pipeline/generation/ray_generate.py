@@ -1,0 +1,405 @@
+"""The generation stage on Ray Data (the only `ray.data` import of the generation package).
+
+    range(n)  --plan (task)-->  index, label, seed, normal PNG  --GenerateActor (actor pool)-->
+    image/mask/region PNGs  --driver, in index order-->  quality filter -> SyntheticWriter
+
+The plan for sample `index` is a pure function of (generate.seed, index): its class, its
+normal image (the normal pool is cycled: index mod pool size) and its seed
+(`sampler.sample_seed`). Each actor loads the trained EMA generator once (`__init__` ->
+`load_trained`) and synthesises sample by sample after `torch.manual_seed(sample seed)`, so
+the images do not depend on the number of actors, batch size or block layout.
+
+Rounds: round 1 asks for `per_class` samples per class; samples the quality filter drops are
+replaced in further rounds with new indices (hence new seeds), up to `generate.max_rounds`.
+The stream is consumed in index order (preserve_order), so which samples are kept is
+deterministic too. Families that cannot choose a defect class (class_conditional False:
+cyclegan, pix2pix, unconditional dcgan/progan) make `per_class` images of one class "defect"
+(label_idx -1). Everything is written into a temporary folder that replaces `out_dir` only
+when complete (`fsutil.atomic_dir`); an existing `out_dir` is replaced only when it is a
+previous output of this stage (manifest.json of kind `synthetic-defect-dataset`).
+
+Resources: local Ray (`num_cpus=2`) unless `address` is given. Actors take a fractional CPU
+(`generate.cpus_per_actor`, 0.5 by default): a full CPU per actor on a 2-CPU machine leaves
+none for the plan tasks and the pipeline deadlocks silently. With `use_gpu` the actors share
+the cluster's GPUs (at most one each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+import torch
+
+from pipeline.config import GenerateParams, positive, to_dict
+from pipeline.errors import DataError, ParamsError, PipelineError, TrainingError
+from pipeline.fsutil import atomic_dir
+from pipeline.generation.placement import Placement, placement_from_params
+from pipeline.generation.sampler import (DEFECT_LABEL, DEFECT_LABEL_IDX, Sampler, applies_filter,
+                                         keep, sample_seeds)
+from pipeline.generation.writer import SyntheticWriter, is_generation_output, sample_id
+from pipeline.models.base import DataSpec
+from pipeline.training.loop import EXPORT_FILE, load_trained, read_spec
+
+PLAN_CPUS = 0.25            # per plan task: cheap (slices the normal pool)
+MIN_KEEP_RATE = 0.05        # later rounds ask for deficit / keep rate, at most 1 / this
+
+
+@dataclass(frozen=True)
+class OutClass:
+    label: str        # output class name (folder name)
+    label_idx: int    # output label index (-1 for "defect")
+    synth: int        # class index passed to synthesize (>= 1)
+
+
+# ---- checks before any work -------------------------------------------------------------------
+
+def check_params(params: GenerateParams) -> None:
+    """Fields GenerateParams.validate does not cover, and objects built without from_dict."""
+    if params.per_class <= 0:
+        raise ParamsError(f"params key 'generate.per_class' is {params.per_class}: zero images requested. "
+                          "Set it to the number of images to generate per defect class (> 0).")
+    positive(params, "generate", "batch_size", "num_actors", "cpus_per_actor", "max_rounds")
+    if not 0 < params.box_min <= params.box_max <= 1:
+        raise ParamsError("params keys 'generate.box_min' and 'generate.box_max' must satisfy "
+                          f"0 < box_min <= box_max <= 1, got {params.box_min}, {params.box_max}.")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace a folder that is not a previous output of this stage."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise PipelineError(f"output path {out_dir} exists and is a file. Choose another --out.")
+    if any(out_dir.iterdir()) and not is_generation_output(out_dir):
+        raise PipelineError(f"output folder {out_dir} exists and is not a previous generation output "
+                            "(no manifest.json from `pipeline generate`). Refusing to replace it: "
+                            "choose another --out or move the folder away.")
+
+
+def check_compatible(model_name: str, model_dir: Path, trained: DataSpec, family_name: str,
+                     data: DataSpec, prepared_dir: Path) -> None:
+    if family_name != model_name:
+        raise TrainingError(f"model folder {model_dir} holds a '{family_name}' generator, not '{model_name}'. "
+                            f"Point --models-dir to the folder holding {model_name}/{EXPORT_FILE}.")
+    if (trained.resolution, trained.channels, tuple(trained.classes)) != \
+            (data.resolution, data.channels, tuple(data.classes)):
+        raise DataError(f"model {model_dir / EXPORT_FILE} was trained on {trained.resolution} px, "
+                        f"{trained.channels} channels, classes {list(trained.classes)}; the prepared data "
+                        f"{Path(prepared_dir) / 'classes.json'} has {data.resolution} px, {data.channels} "
+                        f"channels, classes {list(data.classes)}. Retrain the model on this data, or pass "
+                        "the prepared data it was trained on.")
+
+
+def read_normals(prepared_dir: Path, split: str) -> tuple[list[str], pa.BinaryArray]:
+    """(ids, PNG bytes) of the normal images (label_idx 0) of `split`, in file order."""
+    from pipeline.data.manifest import read_table
+
+    table = read_table(prepared_dir, split=split, columns=["id", "label_idx", "image_png"])
+    table = table.filter(pc.equal(table.column("label_idx"), 0))
+    if table.num_rows == 0:
+        raise DataError(f"prepared data {prepared_dir} has no normal image (label_idx 0) in split '{split}' "
+                        "(generate.normal_split): defects are put on normal images.")
+    return table.column("id").to_pylist(), table.column("image_png").combine_chunks()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def output_classes(class_conditional: bool, data_classes: tuple[str, ...]) -> list[OutClass]:
+    if not class_conditional:   # one defect domain: label "defect", any class index for synthesize
+        return [OutClass(DEFECT_LABEL, DEFECT_LABEL_IDX, 1)]
+    return [OutClass(name, k, k) for k, name in enumerate(data_classes) if k >= 1]
+
+
+# ---- Ray Data stages -------------------------------------------------------------------------
+
+def plan_batch(batch: dict[str, np.ndarray], *, start: int, bounds: np.ndarray, synth: np.ndarray,
+               out_idx: np.ndarray, seed: int, pool) -> dict[str, np.ndarray]:
+    """Positions in the round -> what to generate. `bounds` are cumulative counts per class."""
+    pool = ray.get(pool) if isinstance(pool, ray.ObjectRef) else pool
+    pos = np.asarray(batch["id"], np.int64)
+    k = np.searchsorted(bounds, pos, side="right")          # class slot of each position
+    index = start + pos
+    normal_index = index % len(pool)
+    normal_png = np.empty(len(pos), dtype=object)
+    normal_png[:] = pool.take(pa.array(normal_index)).to_pylist()
+    return {"index": index, "label_idx": out_idx[k], "synth_label": synth[k],
+            "seed": sample_seeds(seed, index), "normal_index": normal_index, "normal_png": normal_png}
+
+
+class GenerateActor:
+    """Loads the trained EMA generator once per actor; maps plan batches to generated PNGs."""
+
+    def __init__(self, model_dir: str, placement: Placement, device: str = "cpu", threads: int = 1):
+        torch.set_num_threads(threads)
+        self.sampler = Sampler(load_trained(Path(model_dir), device), placement, device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.sampler.generate_png(list(batch["normal_png"]), batch["synth_label"],
+                                        batch["seed"], batch["index"])
+        return {"index": batch["index"], "label_idx": batch["label_idx"], "seed": batch["seed"],
+                "normal_index": batch["normal_index"], **out}
+
+
+def _num_blocks(n: int, batch_size: int, num_actors: int) -> int:
+    """About 4 blocks per actor so every actor gets work, each at least a batch (when there are
+    enough samples) and at most max(batch_size, 128) rows: the stream is consumed in order, so a
+    big first block delays the first write and a big last block leaves actors idle."""
+    rows = math.ceil(n / (4 * num_actors))
+    rows = max(rows, min(batch_size, math.ceil(n / num_actors)))
+    rows = min(rows, max(batch_size, 128))
+    return max(1, math.ceil(n / rows))
+
+
+def _actor_resources(params: GenerateParams, use_gpu: bool) -> tuple[dict, str]:
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 0))
+    need = params.num_actors * params.cpus_per_actor
+    if need + PLAN_CPUS > cpus:
+        raise ParamsError(f"params keys 'generate.num_actors' x 'generate.cpus_per_actor' ask for "
+                          f"{need:g} CPUs, but the Ray cluster has {cpus:g}; at least {PLAN_CPUS} must stay "
+                          "free for reading. Use fewer actors or a fractional cpus_per_actor.")
+    args = {"num_cpus": params.cpus_per_actor}
+    if not use_gpu:
+        return args, "cpu"
+    gpus = float(resources.get("GPU", 0))
+    if gpus < 1:
+        raise PipelineError("--use-gpu was given but the Ray cluster has no GPU. Drop --use-gpu, "
+                            "or connect to a cluster with GPUs (--address).")
+    args["num_gpus"] = min(1.0, gpus / params.num_actors)
+    return args, "cuda"
+
+
+def generate_stream(params: GenerateParams, model_dir: Path, placement: Placement, pool_ref,
+                    requests: list[tuple[OutClass, int]], start: int,
+                    use_gpu: bool):
+    """Yield numpy batches (in index order) of one round: `requests` samples per class from `start`."""
+    n = sum(c for _, c in requests)
+    bounds = np.cumsum([c for _, c in requests])
+    synth = np.array([oc.synth for oc, _ in requests], np.int64)
+    out_idx = np.array([oc.label_idx for oc, _ in requests], np.int64)
+    actor_args, device = _actor_resources(params, use_gpu)
+    ds = ray.data.range(n, override_num_blocks=_num_blocks(n, params.batch_size, params.num_actors))
+    ds = ds.map_batches(plan_batch, batch_format="numpy", num_cpus=PLAN_CPUS,
+                        fn_kwargs=dict(start=start, bounds=bounds, synth=synth, out_idx=out_idx,
+                                       seed=params.seed, pool=pool_ref))
+    ds = ds.map_batches(GenerateActor, batch_format="numpy", batch_size=params.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=params.num_actors),
+                        fn_constructor_kwargs=dict(model_dir=str(Path(model_dir).absolute()),
+                                                   placement=placement, device=device,
+                                                   threads=max(1, int(params.cpus_per_actor))),
+                        **actor_args)
+    ds.context.execution_options.preserve_order = True   # deterministic keep/drop and row order
+    ds.context.enable_progress_bars = False
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _round_requests(classes: list[OutClass], per_class: int, kept: Counter, seen: Counter,
+                    passed: Counter, first: bool) -> list[tuple[OutClass, int]]:
+    out = []
+    for oc in classes:
+        deficit = per_class - kept[oc.label]
+        if deficit <= 0:
+            continue
+        if first:
+            out.append((oc, deficit))
+        else:   # ask for enough that, at the keep rate seen so far, the deficit is filled
+            rate = max(MIN_KEEP_RATE, passed[oc.label] / max(1, seen[oc.label]))
+            out.append((oc, math.ceil(deficit / rate)))
+    return out
+
+
+class _Selector:
+    """Applies the quality filter to the ordered stream and keeps the first `per_class` per class."""
+
+    COLUMNS = ("id", "label", "label_idx", "image_png", "mask_png", "region_png", "model", "seed",
+               "normal_id", "mask_fraction")
+
+    def __init__(self, classes: list[OutClass], params: GenerateParams, filtered: bool, model_name: str,
+                 normal_ids: list[str]):
+        self.classes, self.params, self.filtered = classes, params, filtered
+        self.model_name, self.normal_ids = model_name, normal_ids
+        self.by_idx = {oc.label_idx: oc for oc in classes}
+        self.kept, self.seen, self.passed = Counter(), Counter(), Counter()
+        self.dropped = self.surplus = 0
+
+    def requests(self, first: bool) -> list[tuple[OutClass, int]]:
+        return _round_requests(self.classes, self.params.per_class, self.kept, self.seen, self.passed, first)
+
+    def take(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, list], list[int]]:
+        """(writer rows of the kept samples, their normal-pool indices)."""
+        p = self.params
+        ok = keep(batch["mask_fraction"], p.min_mask_fraction, p.max_mask_fraction, self.filtered)
+        rows: dict[str, list] = {name: [] for name in self.COLUMNS}
+        normal_index = []
+        for i in range(len(ok)):
+            oc = self.by_idx[int(batch["label_idx"][i])]
+            self.seen[oc.label] += 1
+            if not ok[i]:
+                self.dropped += 1
+                continue
+            self.passed[oc.label] += 1
+            if self.kept[oc.label] >= p.per_class:
+                self.surplus += 1     # a later round over-asked; first ones (by index) win
+                continue
+            self.kept[oc.label] += 1
+            j = int(batch["normal_index"][i])
+            values = (sample_id(oc.label, int(batch["index"][i])), oc.label, oc.label_idx,
+                      batch["image_png"][i], batch["mask_png"][i], batch["region_png"][i] or None,
+                      self.model_name, int(batch["seed"][i]), self.normal_ids[j],
+                      float(batch["mask_fraction"][i]))
+            for name, value in zip(self.COLUMNS, values):
+                rows[name].append(value)
+            normal_index.append(j)
+        return rows, normal_index
+
+
+_REMOTE_ERROR = re.compile(r"pipeline\.[\w.]*?(\w+Error): (.+)")
+
+
+@contextlib.contextmanager
+def _pipeline_errors():
+    """Show a PipelineError raised inside a Ray worker (e.g. load_trained in an actor's __init__)
+    as that error, not as a Ray traceback. Actor start-up failures reach the driver as
+    ActorDiedError carrying only the remote traceback text, so the last error line is parsed."""
+    from pipeline import errors
+
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as err:
+        cause: BaseException | None = err
+        seen = set()
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if isinstance(cause, PipelineError):
+                raise cause from None
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+        found = _REMOTE_ERROR.findall(text)
+        if found:
+            name, message = found[-1]
+            cls = getattr(errors, name, None)
+            cls = cls if isinstance(cls, type) and issubclass(cls, PipelineError) else PipelineError
+            raise cls(message.strip()) from err
+        raise
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepared_dir: Path,
+                 out_dir: Path, address: str | None = None, use_gpu: bool = False,
+                 track: bool = True) -> dict:
+    """Generate `params.per_class` labelled, masked images per defect class into `out_dir`.
+
+    `track`: log params, counts and the manifest/preview to MLflow (pipeline.tracking) at the end.
+    Returns the manifest plus run statistics: `seconds` (generation and writing), `img_per_s`
+    (synthesised images / seconds) and `startup_s` (until the first batch arrived).
+    """
+    model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
+    check_params(params)
+    check_out_dir(out_dir)
+    data_spec = read_spec(prepared_dir)
+    family = load_trained(model_dir)          # TrainingError for a missing/corrupt checkpoint
+    check_compatible(model_name, model_dir, family.spec, family.name, data_spec, prepared_dir)
+    placement = placement_from_params(params, data_spec.resolution)   # DataError for bad user masks
+    normal_ids, pool = read_normals(prepared_dir, params.normal_split)
+    classes = output_classes(family.class_conditional, data_spec.classes)
+    filtered = applies_filter(family)
+    checkpoint = model_dir / EXPORT_FILE
+    sha = file_sha256(checkpoint)
+    del family   # the actors load their own copy
+
+    started = not ray.is_initialized()
+    if started:
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        pool_ref = ray.put(pool)
+        t0 = time.perf_counter()
+        select = _Selector(classes, params, filtered, model_name, normal_ids)
+        next_index, rounds, first_batch_s = 0, 0, None
+        with atomic_dir(out_dir) as tmp:
+            writer = SyntheticWriter(tmp, [oc.label for oc in classes], data_spec.channels)
+            for rnd in range(params.max_rounds):
+                requests = select.requests(first=rnd == 0)
+                if not requests:
+                    break
+                rounds += 1
+                n = sum(c for _, c in requests)
+                with _pipeline_errors():
+                    for batch in generate_stream(params, model_dir, placement, pool_ref, requests,
+                                                 next_index, use_gpu):
+                        if first_batch_s is None:
+                            first_batch_s = time.perf_counter() - t0
+                        rows, normal_index = select.take(batch)
+                        writer.add(rows, lambda i, idx=normal_index: pool[idx[i]].as_py())
+                next_index += n
+                print(f"generate round {rnd + 1}: {n} synthesised, kept so far "
+                      f"{sum(select.kept.values())}/{params.per_class * len(classes)}, "
+                      f"dropped {select.dropped}", flush=True)
+            seconds = time.perf_counter() - t0
+            shortfall = {oc.label: params.per_class - select.kept[oc.label] for oc in classes
+                         if select.kept[oc.label] < params.per_class}
+            manifest = {
+                "model": model_name, "checkpoint": str(checkpoint), "checkpoint_sha256": sha,
+                "seed": params.seed, "params": to_dict(params),
+                "classes": [oc.label for oc in classes],
+                "label_idx": {oc.label: oc.label_idx for oc in classes},
+                "data_classes": list(data_spec.classes),
+                "resolution": data_spec.resolution, "channels": data_spec.channels,
+                "counts": {oc.label: select.kept[oc.label] for oc in classes},
+                "generated": next_index, "dropped": select.dropped, "surplus": select.surplus,
+                "rounds": rounds, "complete": not shortfall, "shortfall": shortfall,
+                "quality_filter": filtered, "placement": params.placement,
+                "normal_split": params.normal_split, "normal_images": len(normal_ids),
+            }
+            writer.close(manifest)
+    finally:
+        if started:
+            ray.shutdown()
+    if shortfall:
+        print(f"warning: after {rounds} rounds the quality filter left {shortfall} short of "
+              f"generate.per_class={params.per_class}; raise generate.max_rounds or widen "
+              "min/max_mask_fraction.", file=sys.stderr)
+    # startup_s: until the first ordered batch reached the driver (actor start-up, model load).
+    stats = {"img_per_s": next_index / max(seconds, 1e-9), "seconds": seconds, "startup_s": first_batch_s}
+    if track:
+        _track(params, model_name, manifest, stats, out_dir)
+    return {**manifest, **stats}
+
+
+def _track(params: GenerateParams, model_name: str, manifest: dict, stats: dict, out_dir: Path) -> None:
+    try:
+        from pipeline.tracking import log_generation
+    except ImportError:
+        return
+    metrics = {"generated": manifest["generated"], "dropped": manifest["dropped"], **stats,
+               **{f"count/{k}": v for k, v in manifest["counts"].items()}}
+    try:
+        log_generation({"model": model_name, **to_dict(params)}, metrics,
+                       [out_dir / "manifest.json", out_dir / "preview.png"])
+    except AttributeError:
+        pass

@@ -1,0 +1,150 @@
+"""Pure sampling: a loaded family + normal images + labels + regions -> defect images and masks.
+
+No Ray here: `ray_generate.py` wraps `Sampler` in an actor, the benchmark's bare loop and the
+tests call it directly.
+
+Reproducibility. Every sample has its own seed, `sample_seed(generate.seed, sample index)`, and
+is synthesised alone (batch of 1) right after `torch.manual_seed(sample seed)`. Families draw
+their noise from the global torch RNG, so this is what makes a sample independent of how Ray
+cut the work into batches and actors: same seed and index -> same pixels, whatever the split.
+Batching several samples into one `synthesize` call would mix their noise draws.
+
+Quality filter. Masks are thresholded at 0.5; a sample whose mask covers less than
+`min_mask_fraction` or more than `max_mask_fraction` of the image is dropped (an empty mask
+means the generator did not place a defect; a full one means it repainted the whole surface).
+Noise-based families (progan, dcgan) always return all-zero masks by contract, so the filter
+would drop everything: for them it is skipped (`applies_filter`).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.errors import DataError
+from pipeline.generation.placement import Placement, to_tensor
+from pipeline.models.base import GANFamily
+
+# Families whose synthesize() returns all-zero masks (no mask output, no normal input).
+MASKLESS_FAMILIES = frozenset({"progan", "dcgan"})
+DEFECT_LABEL = "defect"     # output class of families that cannot choose a defect class
+DEFECT_LABEL_IDX = -1
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a run seeded `seed` (independent streams per index)."""
+    state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def sample_seeds(seed: int, indices: np.ndarray) -> np.ndarray:
+    return np.array([sample_seed(seed, int(i)) for i in indices], dtype=np.int64)
+
+
+def applies_filter(family: GANFamily) -> bool:
+    return family.name not in MASKLESS_FAMILIES
+
+
+# ---- PNG <-> arrays ----------------------------------------------------------------------------
+
+def decode_png(data: bytes, channels: int) -> np.ndarray:
+    """PNG bytes -> (C, H, W) uint8 with `channels` channels (1 or 3)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    except Exception as err:
+        raise DataError(f"a normal image in the prepared data is not a readable PNG ({err}). "
+                        "Re-run `pipeline prepare`.") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """(H, W) or (H, W, C) uint8 -> PNG bytes (compress_level 1: speed over size)."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def to_unit(images_u8: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, C, H, W) uint8 -> float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images_u8)).to(device).float().div_(127.5).sub_(1.0)
+
+
+def images_u8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def binary_masks(masks: torch.Tensor) -> np.ndarray:
+    """(B, 1, H, W) in [0, 1] -> (B, H, W) uint8 {0, 1}, thresholded at 0.5."""
+    return (masks.detach().float()[:, 0] >= 0.5).to(torch.uint8).cpu().numpy()
+
+
+def keep(fractions: np.ndarray, lo: float, hi: float, filtered: bool) -> np.ndarray:
+    """Boolean keep flags of the quality filter (all True when the family skips it)."""
+    if not filtered:
+        return np.ones(len(fractions), bool)
+    return (fractions >= lo) & (fractions <= hi)
+
+
+# ---- the sampler -------------------------------------------------------------------------------
+
+class Sampler:
+    """Runs one loaded family on batches of normal images, sample by sample (see module doc)."""
+
+    def __init__(self, family: GANFamily, placement: Placement, device: str | torch.device = "cpu"):
+        self.family = family.eval()
+        self.placement = placement
+        self.device = torch.device(device)
+        self.channels = family.spec.channels
+        # Noise-based families ignore both the normal image and the region: no region is recorded.
+        self.uses_region = family.name not in MASKLESS_FAMILIES
+
+    @torch.no_grad()
+    def generate(self, normal_u8: np.ndarray, labels: np.ndarray, seeds: np.ndarray,
+                 indices: np.ndarray) -> dict[str, np.ndarray]:
+        """normal_u8 (B, C, H, W) uint8; labels (B,) class indices >= 1 to ask for.
+
+        Returns images (B, H, W, C) uint8, masks (B, H, W) uint8 {0, 1},
+        regions (B, H, W) uint8 {0, 1} and mask_fraction (B,) float.
+        """
+        regions = self.placement.regions(seeds, indices)
+        x = to_unit(normal_u8, self.device)                        # (B, C, H, W)
+        r = to_tensor(regions, self.device)                         # (B, 1, H, W)
+        y = torch.tensor(np.array(labels, np.int64), device=self.device)
+        out_images, out_masks = [], []
+        for i in range(len(seeds)):
+            torch.manual_seed(int(seeds[i]))   # also seeds CUDA: same noise on any split
+            img, mask = self.family.synthesize(x[i:i + 1], y[i:i + 1], r[i:i + 1])
+            out_images.append(images_u8(img))
+            out_masks.append(binary_masks(mask))
+        images = np.concatenate(out_images)
+        masks = np.concatenate(out_masks)
+        return {"images": images, "masks": masks, "regions": regions,
+                "mask_fraction": masks.reshape(len(masks), -1).mean(1).astype(np.float64)}
+
+    def generate_png(self, normal_png: list[bytes], labels: np.ndarray, seeds: np.ndarray,
+                     indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Same as `generate`, PNG bytes in and out (image_png, mask_png 0/255, region_png 0/255
+        or b"" for families that ignore regions: an all-None column would not survive Arrow)."""
+        normal = np.stack([decode_png(b, self.channels) for b in normal_png])
+        out = self.generate(normal, labels, seeds, indices)
+        return {
+            "image_png": _object_array([encode_png(a) for a in out["images"]]),
+            "mask_png": _object_array([encode_png(m * 255) for m in out["masks"]]),
+            "region_png": _object_array([encode_png(r * 255) if self.uses_region else b""
+                                         for r in out["regions"]]),
+            "mask_fraction": out["mask_fraction"],
+        }
+
+
+def _object_array(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
