@@ -335,14 +335,18 @@ class TrainCommonParams:
     grad_clip: float = 0.0          # 0 = off; max global grad norm otherwise
     ema_decay: float = 0.999
     lr_decay_start: float = 0.5     # fraction of kimg after which lr decays linearly to 0
-    max_failures: int = 1
-    register_model: Optional[str] = None
+    max_failures: int = 1              # Ray Train restarts from the last checkpoint after a worker dies
+    register_model: Optional[str] = None   # also register the EMA generator under this MLflow model name
 
     def validate(self, where: str) -> None:
         positive(self, where, "kimg", "batch_size", "tick_kimg", "snapshot_ticks")
         require(0 <= self.ema_decay < 1, f"{where}.ema_decay", "must be in [0, 1).")
         require(0 <= self.lr_decay_start <= 1, f"{where}.lr_decay_start", "must be in [0, 1].")
         require(self.grad_clip >= 0, f"{where}.grad_clip", "must be 0 (off) or positive.")
+        require(self.max_failures >= -1, f"{where}.max_failures",
+                f"is the number of Ray Train restarts: 0 or more (-1 = unlimited), got {self.max_failures}.")
+        require(self.register_model is None or bool(self.register_model.strip()), f"{where}.register_model",
+                "must be a model registry name, or omitted.")
 
 
 @dataclass

@@ -1,0 +1,375 @@
+"""Ray Train launcher: multi-worker training, fault tolerance, --resume, two nodes, CLI errors.
+
+Every fit() costs ~16-20 s on 2 cores, so one uninterrupted 2-worker run (`baseline`) is shared:
+the killed run and the resumed run must end with exactly its generator weights.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+TINY_TRAIN = {
+    # 2 workers x batch 4 = 8 images per iteration; ticks of 16 images; snapshots at 32 and 64.
+    "common": {"seed": 0, "kimg": 0.08, "batch_size": 4, "tick_kimg": 0.016, "snapshot_ticks": 2,
+               "max_failures": 1, "ema_decay": 0.9, "register_model": "defect-synth-test-dcgan"},
+    "dcgan": {"base_channels": 8, "d_base_channels": 8, "z_dim": 16},
+}
+FAMILY = "dcgan"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Tiny prepared dataset, a tmp MLflow store (env var) and a Ray storage folder."""
+    from pipeline.config import PrepareParams, from_dict
+    from pipeline.data.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("raytrain")
+    prep = from_dict(PrepareParams, {"resolution": 16, "seed": 0, "synthetic": {
+        "classes": ["scratch", "spot"], "per_class": 6, "normal": 12, "paired": 6}}, "prepare")
+    run_prepare(prep, root / "prepared")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    yield root
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def make_params(root: Path, max_failures: int = 1, **ray):
+    from pipeline.config import Params, from_dict
+
+    train = {**TINY_TRAIN, "common": {**TINY_TRAIN["common"], "max_failures": max_failures}}
+    ray_section = {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(root / "ray_results"), **ray}
+    return from_dict(Params, {"train": train, "ray": ray_section}, "params")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def local_ray(workspace):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def baseline(workspace, local_ray):
+    from pipeline.training.ray_train import launch_training
+
+    out = workspace / "models-baseline" / FAMILY
+    summary = launch_training(make_params(workspace), FAMILY, workspace / "prepared", out, ray_overrides={},
+                              resume=False, run_name=unique("baseline"), dvc_stage=f"train@{FAMILY}")
+    return summary
+
+
+def generator_tensors(out_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(Path(out_dir) / "generator_ema.pt", map_location="cpu", weights_only=True)
+    return {f"{net}.{k}": v for net, sd in state["generators"].items() for k, v in sd.items()}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    ta, tb = generator_tensors(a), generator_tensors(b)
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def mlflow_client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def runs_named(run_name: str):
+    client = mlflow_client()
+    exp = client.get_experiment_by_name(f"defect-synth/{FAMILY}")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`ray.run_name` = '{run_name}'")
+
+
+def steps(run_id: str, key: str = "D/loss") -> list[int]:
+    return [m.step for m in mlflow_client().get_metric_history(run_id, key)]
+
+
+class Killer(threading.Thread):
+    """SIGKILLs rank 1's process once both ranks hold after the first checkpoint and the Train
+    controller has recorded that checkpoint in the run folder (it polls workers every 0.2 s)."""
+
+    def __init__(self, hook_dir: Path, run_dir: Path, timeout: float = 240.0):
+        super().__init__(daemon=True)
+        self.hook_dir, self.run_dir, self.timeout = hook_dir, run_dir, timeout
+        self.killed_pid, self.error = None, None
+
+    def ready(self) -> bool:
+        snapshot = self.run_dir / "checkpoint_manager_snapshot.json"
+        held = all((self.hook_dir / f"held-rank{r}").exists() for r in (0, 1))
+        return held and snapshot.exists() and "checkpoint-000000032" in snapshot.read_text()
+
+    def run(self):
+        deadline = time.monotonic() + self.timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                self.error = "workers never reached the first checkpoint"
+                return
+            time.sleep(0.05)
+        self.killed_pid = int((self.hook_dir / "rank1.pid").read_text())
+        os.kill(self.killed_pid, signal.SIGKILL)
+        # Let rank 0 go on: it fails at its next collective and Ray restarts the group at once
+        # (a worker still held would keep the group alive until the hold times out).
+        (self.hook_dir / "release").touch()
+
+
+def started_from(hook_dir: Path, rank: int = 0) -> list[int]:
+    """nimg each attempt of `rank` started from (the hook appends one line per attempt)."""
+    return [int(line.split()[1]) for line in (hook_dir / f"rank{rank}.log").read_text().splitlines()]
+
+
+@pytest.fixture
+def hook_dir(tmp_path, monkeypatch):
+    from pipeline.training.ray_train import HOOK_ENV
+
+    d = tmp_path / "hook"
+    d.mkdir()
+    monkeypatch.setenv(HOOK_ENV, str(d))
+    return d
+
+
+# --------------------------------------------------------------------------- fast: CLI errors
+
+def invoke(args, env=None):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, args, env=env)
+
+
+def test_unknown_stage_lists_families():
+    from pipeline.models import REGISTRY
+
+    res = invoke(["train", "--stage", "nosuchgan"])
+    assert res.exit_code != 0
+    assert "nosuchgan" in res.output and all(name in res.output for name in REGISTRY)
+    assert "Traceback" not in res.output
+
+
+def test_bad_params_name_the_key(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"common": {"kimgg": 1}}}))
+    res = invoke(["train", "--stage", FAMILY, "--params", str(bad)])
+    assert res.exit_code == 2
+    assert "train.common.kimgg" in res.output and "train.common.kimg" in res.output
+    assert "Traceback" not in res.output
+
+    bad.write_text(yaml.safe_dump({"ray": {"num_workers": 0}}))
+    res = invoke(["train", "--stage", FAMILY, "--params", str(bad), "--data", str(tmp_path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_bad_ray_override_and_missing_data(workspace, tmp_path):
+    from pipeline.errors import DataError, ParamsError
+    from pipeline.training.ray_train import launch_training
+
+    with pytest.raises(ParamsError, match="ray.cpus_per_worker"):
+        launch_training(make_params(workspace), FAMILY, workspace / "prepared", tmp_path / "out",
+                        ray_overrides={"cpus_per_worker": -1}, resume=False, run_name=None, dvc_stage=None)
+    with pytest.raises(DataError, match="pipeline prepare"):
+        launch_training(make_params(workspace), FAMILY, tmp_path / "nothing", tmp_path / "out",
+                        ray_overrides={}, resume=False, run_name=None, dvc_stage=None)
+
+
+def write_params(root: Path, path: Path, max_failures: int = 1) -> Path:
+    train = {**TINY_TRAIN, "common": {**TINY_TRAIN["common"], "max_failures": max_failures}}
+    path.write_text(yaml.safe_dump({"train": train, "ray": {
+        "num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(root / "ray_results")}}))
+    return path
+
+
+def test_tracking_server_down_fails_before_training(workspace, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    params = write_params(workspace, tmp_path / "params.yaml")
+    name = unique("down")
+    start = time.monotonic()
+    res = invoke(["train", "--stage", FAMILY, "--params", str(params), "--data", str(workspace / "prepared"),
+                  "--out", str(tmp_path / "out"), "--run-name", name], env={"MLFLOW_TRACKING_URI": url})
+    assert res.exit_code != 0
+    assert url in res.output and "pipeline ui" in res.output and "MLFLOW_TRACKING_URI" in res.output
+    assert "Traceback" not in res.output
+    assert time.monotonic() - start < 20
+    assert not (workspace / "ray_results" / name).exists()   # Ray never started training
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_without_a_run_is_a_clear_error(workspace, tmp_path):
+    params = write_params(workspace, tmp_path / "params.yaml")
+    res = invoke(["train", "--stage", FAMILY, "--params", str(params), "--data", str(workspace / "prepared"),
+                  "--out", str(tmp_path / "out"), "--resume", "--run-name", "never-ran"])
+    assert res.exit_code != 0 and "never-ran" in res.output and "does not exist" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_fresh_run_name_never_resumes_silently(workspace, tmp_path):
+    from pipeline.errors import TrainingError
+    from pipeline.training.ray_train import choose_run_name
+
+    storage = tmp_path / "runs"
+    (storage / "mine").mkdir(parents=True)
+    with pytest.raises(TrainingError, match="--resume"):
+        choose_run_name(str(storage), FAMILY, "mine", resume=False)
+    name = choose_run_name(str(storage), FAMILY, None, resume=False)
+    assert name.startswith(f"{FAMILY}-") and name != "mine"
+
+
+# --------------------------------------------------------------------------- slow: real Ray runs
+
+@pytest.mark.slow
+def test_two_workers_outputs_and_mlflow_run(workspace, baseline):
+    import mlflow
+
+    from pipeline import tracking
+
+    out = Path(baseline["out_dir"])
+    for name in ("generator_ema.pt", "checkpoint.pt", "metrics.json", "loss_curves.png", "samples.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert baseline["world_size"] == 2 and len(baseline["worker_nodes"]) == 2
+    assert baseline["metrics"]["kimg"] == pytest.approx(0.08)
+
+    (run,) = runs_named(baseline["run_name"])
+    assert run.info.run_id == baseline["mlflow_run_id"] and run.info.status == "FINISHED"
+    params, tags = run.data.params, run.data.tags
+    assert params["common.kimg"] == "0.08" and params["dcgan.base_channels"] == "8" and params["family"] == FAMILY
+    assert tags["family"] == FAMILY and tags["dvc_stage"] == f"train@{FAMILY}"
+    assert tags["dataset_hash"] == tracking.dataset_hash(workspace / "prepared")
+    assert tags["ray.num_workers"] == "2" and tags["ray.num_nodes"] == "1"
+    assert "git_commit" in tags
+    assert steps(run.info.run_id) == [16, 32, 48, 64, 80]   # step = images shown, once each
+    for key in ("G/loss", "lr/G", "lr/D", "img_per_s", "gflop_per_s", "kimg"):
+        assert key in run.data.metrics, key
+
+    client = mlflow_client()
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert samples == ["samples/grid-000000032.png", "samples/grid-000000064.png"]
+    final = {a.path for a in client.list_artifacts(run.info.run_id, "final")}
+    assert final == {"final/metrics.json", "final/loss_curves.png", "final/samples.png"}
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/generator")
+    expected = torch.load(out / "generator_ema.pt", weights_only=True)["generators"]
+    (gen_state,) = expected.values()
+    loaded = model.state_dict()
+    assert loaded.keys() == gen_state.keys()
+    assert all(torch.equal(loaded[k], gen_state[k]) for k in gen_state)   # the EMA weights
+    versions = client.search_model_versions("name = 'defect-synth-test-dcgan'")
+    assert run.info.run_id in {v.run_id for v in versions}
+
+
+@pytest.mark.slow
+def test_worker_error_is_reported_clearly(workspace, local_ray, tmp_path):
+    """A PipelineError raised inside a worker (here: an empty data shard) reaches the user as is."""
+    from pipeline.config import PrepareParams, from_dict
+    from pipeline.data.prepare import run_prepare
+    from pipeline.errors import TrainingError
+    from pipeline.training.ray_train import launch_training
+
+    small = tmp_path / "prepared"
+    run_prepare(from_dict(PrepareParams, {"resolution": 16, "split": {"train": 1.0, "val": 0.0, "test": 0.0},
+                                          "synthetic": {"classes": ["scratch"], "per_class": 1, "normal": 1,
+                                                        "paired": 0}}, "prepare"), small)
+    with pytest.raises(TrainingError, match="training pool 'images' is empty on this worker"):
+        launch_training(make_params(workspace, max_failures=0, num_workers=3), FAMILY, small, tmp_path / "out",
+                        ray_overrides={}, resume=False, run_name=unique("error"), dvc_stage=None)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_to_the_same_weights(workspace, baseline, hook_dir):
+    from pipeline.training.ray_train import launch_training
+
+    name = unique("killed")
+    killer = Killer(hook_dir, workspace / "ray_results" / name)
+    killer.start()
+    out = workspace / "models-killed" / FAMILY
+    summary = launch_training(make_params(workspace, max_failures=1), FAMILY, workspace / "prepared", out,
+                              ray_overrides={}, resume=False, run_name=name, dvc_stage=None)
+    killer.join(5)
+    assert killer.error is None and killer.killed_pid is not None
+    assert int((hook_dir / "rank1.pid").read_text()) != killer.killed_pid   # a new worker process
+    assert started_from(hook_dir) == [0, 32]     # the retry resumed from the checkpoint at 32 images
+    assert_same_weights(out, Path(baseline["out_dir"]))
+
+    (run,) = runs_named(name)               # the same MLflow run across the restart
+    assert run.info.run_id == summary["mlflow_run_id"]
+    assert steps(run.info.run_id) == steps(baseline["mlflow_run_id"])
+
+
+@pytest.mark.slow
+def test_stopped_run_continues_with_resume(workspace, baseline, hook_dir, tmp_path):
+    from pipeline.errors import TrainingError
+    from pipeline.training.ray_train import launch_training
+
+    name = unique("stopped")
+    params_file = write_params(workspace, tmp_path / "params.yaml", max_failures=0)
+    out = workspace / "models-resumed" / FAMILY
+    killer = Killer(hook_dir, workspace / "ray_results" / name)
+    killer.start()
+    with pytest.raises(TrainingError, match="--resume"):
+        launch_training(make_params(workspace, max_failures=0), FAMILY, workspace / "prepared", out,
+                        ray_overrides={}, resume=False, run_name=name, dvc_stage=None)
+    killer.join(5)
+    assert killer.killed_pid is not None and not out.exists()
+    (first,) = runs_named(name)
+
+    res = invoke(["train", "--stage", FAMILY, "--params", str(params_file), "--data", str(workspace / "prepared"),
+                  "--out", str(out), "--resume", "--run-name", name])
+    assert res.exit_code == 0, res.output
+    assert started_from(hook_dir) == [0, 32]
+    assert_same_weights(out, Path(baseline["out_dir"]))
+    (run,) = runs_named(name)                # continued, not a second run
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    assert steps(run.info.run_id) == steps(baseline["mlflow_run_id"])
+
+
+@pytest.mark.slow
+def test_two_node_cluster_places_ranks_on_both_nodes(workspace, local_ray):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.training.ray_train import launch_training
+
+    ray.shutdown()   # leave the module's local instance; this test brings its own cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024 * 1024})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
+        cluster.wait_for_nodes()
+        name = unique("twonode")
+        summary = launch_training(make_params(workspace, num_workers=2, cpus_per_worker=1.0), FAMILY,
+                                  workspace / "prepared", workspace / "models-twonode" / FAMILY,
+                                  ray_overrides={"address": cluster.address}, resume=False, run_name=name,
+                                  dvc_stage=None)
+        assert len(set(summary["worker_nodes"])) == 2
+        (run,) = runs_named(name)
+        assert run.data.tags["ray.num_nodes"] == "2" and run.data.tags["ray.cluster_nodes"] == "2"
+        assert (workspace / "models-twonode" / FAMILY / "generator_ema.pt").exists()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
