@@ -384,3 +384,16 @@ def test_folder_without_samples_or_with_wrong_classes_is_an_error(tmp_path):
     pq.write_table(pa.Table.from_pylist(table), folder / "samples.parquet")
     with pytest.raises(PipelineError, match=r"stargan/samples\.parquet.*'dent'"):
         run_evaluate(params, prepared, syn, tmp_path / "out", ["stargan"])
+
+
+def test_model_whose_samples_were_all_filtered_is_skipped_with_a_note(tmp_path):
+    from pipeline.metrics.data import find_model_folders
+
+    syn = tmp_path / "syn"
+    folder = make_synthetic(syn, "defectgan", ["scratch"])
+    empty = pq.read_table(folder / "samples.parquet").slice(0, 0)
+    pq.write_table(empty, folder / "samples.parquet")
+    make_synthetic(syn, "stargan", ["scratch"])
+    found, notes = find_model_folders(syn, ["defectgan", "stargan"])
+    assert list(found) == ["stargan"]
+    assert len(notes) == 1 and "defectgan" in notes[0] and "kept no samples" in notes[0]

@@ -127,8 +127,25 @@ def find_model_folders(synthetic_root: Path, models: list[str]) -> tuple[dict[st
         if not samples.is_file():
             raise DataError(f"{folder} exists but has no {SAMPLES_FILE}: the generation stage did not "
                             f"finish. Re-run `pipeline generate --model {model}` or remove {folder}.")
+        if _row_count(samples) == 0:
+            # A model that learned no visible defects has every sample dropped by the quality
+            # filter; that is a finding to report, not a reason to stop the whole DAG.
+            note = (f"{model}: the generation stage kept no samples (every mask was empty or full, see "
+                    f"{folder / 'manifest.json'}); skipped. Train longer or relax generate.min_mask_fraction.")
+            log.warning(note)
+            notes.append(note)
+            continue
         found[model] = samples
     return found, notes
+
+
+def _row_count(samples: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(samples).num_rows
+    except Exception:  # noqa: BLE001 - unreadable files are reported by load_synthetic
+        return -1
 
 
 def _decode(data: bytes, what: str, path: Path, row_id: str) -> np.ndarray:
