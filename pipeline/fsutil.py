@@ -39,6 +39,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     ensure_writable_parent(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.absolute().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes 0700; the final folder gets normal permissions
     try:
         yield tmp
         old = None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from pipeline.errors import TrainingError
 from pipeline.models.base import GANFamily, Stats
@@ -61,6 +62,27 @@ def all_reduce_gradients(params: list[nn.Parameter]) -> None:
         offset += n
 
 
+def use_fused_kernels(optimizer: torch.optim.Optimizer) -> str:
+    """Switch `optimizer` to torch's fused kernels (Adam/AdamW/SGD/Adagrad, CPU and CUDA) or, for
+    optimizers without one (RMSprop), to the multi-tensor foreach path. Same update rule; call it
+    before the first step. Returns the kind chosen ('fused', 'foreach' or 'unchanged')."""
+    groups = optimizer.param_groups
+    if all("fused" in g for g in groups):
+        devices = {p.device.type for g in groups for p in g["params"]}
+        floating = all(p.is_floating_point() for g in groups for p in g["params"])
+        if floating and devices <= {"cpu", "cuda"} and not any(g.get("differentiable") for g in groups):
+            for g in groups:
+                g["fused"], g["foreach"] = True, False
+            optimizer.defaults.update(fused=True, foreach=False)
+            return "fused"
+    if all("foreach" in g for g in groups):
+        for g in groups:
+            g["foreach"] = True
+        optimizer.defaults.update(foreach=True)
+        return "foreach"
+    return "unchanged"
+
+
 def autocast_context(precision: str, device: torch.device):
     """bf16 autocast on CPU (AMX) and CUDA; fp32 is the identity. bf16 needs no loss scaler."""
     if precision == "bf16":
@@ -80,6 +102,15 @@ def _check_finite(loss: torch.Tensor, phase: str, stats: Stats) -> None:
 class StepConfig:
     precision: str = "fp32"
     grad_clip: float = 0.0
+    # torch's fused optimizer kernels (Adam/SGD; foreach for RMSprop): the same update rule in one
+    # pass over each tensor instead of a dozen elementwise ops (bench/README.md, ablation).
+    fused_optimizers: bool = True
+    # torch.compile the generators (in place, so state_dict keys do not change; see
+    # AdversarialStep._maybe_compile for when). Off by default:
+    # it costs minutes of compile time and recompiles on every new input shape or Python scalar
+    # (ProGAN's fade-in alpha). Discriminators stay eager: the gradient penalty's double backward
+    # is not supported by compiled autograd.
+    compile_generators: bool = False
 
 
 class AdversarialStep:
@@ -92,6 +123,27 @@ class AdversarialStep:
         self.d_nets = list(family.discriminators().values())
         self.g_params = [p for m in self.g_nets for p in m.parameters()]
         self.d_params = [p for m in self.d_nets for p in m.parameters()]
+        if cfg.fused_optimizers:
+            use_fused_kernels(opt_g)
+            use_fused_kernels(opt_d)
+        self._kinds_seen: set[bool] = set()
+        self._compiled = False
+
+    def _maybe_compile(self, train_g: bool) -> None:
+        """Compile the generators once every kind of iteration (D only / D + G) has run eagerly.
+
+        The loop counts FLOPs (CountFlops, a dispatch mode) on the first iteration of each kind,
+        and dynamo invoked under a dispatch mode gives up on the frame for good; compiling after
+        those iterations, and never while a mode is active, keeps both working.
+        """
+        self._kinds_seen.add(train_g)
+        if self._compiled or not self.cfg.compile_generators:
+            return
+        kinds = {True} if self.family.n_critic == 1 else {False, True}
+        if self._kinds_seen >= kinds and _get_current_dispatch_mode() is None:
+            for net in self.g_nets:
+                net.compile(dynamic=False)
+            self._compiled = True
 
     def _update(self, loss: torch.Tensor, params, optimizer) -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -141,4 +193,5 @@ class AdversarialStep:
                 stats["G/grad_norm"] = grad_norm
         set_requires_grad(self.d_nets, True)
         set_requires_grad(self.g_nets, True)
+        self._maybe_compile(train_g)
         return stats

@@ -1,0 +1,121 @@
+"""bf16 autocast must not move training quality: short fixed-seed runs in fp32 and bf16 give the same losses.
+
+Every family in REGISTRY trains for STEPS engine calls (pipeline.training.step.AdversarialStep with
+the family's own optimizers, fused as in production) at 16 px with tiny widths, once in fp32 and
+once under bf16 autocast, from the same initial weights, batches and RNG stream. For every loss
+term the family reports, the mean over the run must agree:
+
+    |mean_bf16 - mean_fp32| <= RTOL * mean(|term_fp32|) + 1e-4
+
+RTOL = 8 %. bf16 keeps 8 significant bits (unit roundoff 2**-9 = 0.2 %, about 3 decimal digits);
+convolutions accumulate in fp32 but their inputs and weights are rounded, the error compounds
+through ~10 layers, a double backward (gradient penalty) and a few optimizer steps whose
+trajectories then drift apart. Measured on the dev machine (AVX512-BF16): worst term 2.1 %
+(cyclegan's G/adv_F), totals within 0.6 %. 8 % leaves room for another CPU's bf16 kernels (AMX,
+other blocking, other accumulation order) while a real precision bug (a loss reduced in bf16, an
+overflow, a missing cast) moves the means far more. The bound scales with mean(|term|), not
+|mean|, so sign-changing terms (WGAN's adversarial difference) are judged against their size;
+1e-4 covers terms that are exactly 0. Raw critic scores (D/real, D/fake) are diagnostics with an
+arbitrary offset, not losses, and are not compared; accuracies and progress scalars neither.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import from_dict
+from pipeline.models import REGISTRY
+from pipeline.models.base import DataSpec
+from pipeline.training.step import AdversarialStep, StepConfig
+
+RES, BATCH, STEPS = 16, 4, 10
+RTOL, FLOOR = 0.08, 1e-4
+SPEC = DataSpec(resolution=RES, channels=3, classes=("normal", "scratch", "spot"))
+
+TINY = {
+    "dcgan": dict(z_dim=8, base_channels=4, d_base_channels=4),
+    "pix2pix": dict(base_channels=8, d_base_channels=8),
+    "cyclegan": dict(base_channels=8, n_blocks=1, d_base_channels=8, pool_size=4),
+    "stargan": dict(base_channels=8, n_blocks=1, d_base_channels=8),
+    "progan": dict(latent_dim=16, base_channels=8, max_channels=16),
+    "defectgan": dict(base_channels=8, max_channels=16, n_blocks=1, spade_hidden=8, d_base_channels=8),
+}
+
+
+def make_batch(kind: str, seed: int) -> dict[str, torch.Tensor]:
+    """Smooth random surfaces with bright/dark defect patches, the layout `kind` asks for (base.py)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def surfaces():
+        low = torch.rand(BATCH, 3, 4, 4, generator=g) * 1.6 - 0.8
+        return torch.nn.functional.interpolate(low, size=RES, mode="bilinear", align_corners=False)
+
+    def deface(img, labels):
+        out, mask = img.clone(), torch.zeros(BATCH, 1, RES, RES)
+        for i, k in enumerate(labels.tolist()):
+            if k:
+                r = slice(4 + k, 9 + k)
+                out[i, :, r, r] = 0.9 if k == 1 else -0.9
+                mask[i, :, r, r] = 1
+        return out, mask
+
+    labels = torch.tensor([1, 2, 1, 2])
+    if kind == "labelled":
+        lab = torch.tensor([0, 1, 2, 1])
+        img, mask = deface(surfaces(), lab)
+        return {"image": img, "label": lab, "mask": mask}
+    clean = surfaces()
+    defect, mask = deface(clean, labels)
+    if kind == "paired":
+        return {"a": clean, "b": defect, "mask": mask, "label": labels}
+    return {"a": surfaces(), "b": defect, "label_b": labels, "mask_b": mask}
+
+
+def run(name: str, precision: str) -> dict[str, list[float]]:
+    """Loss terms of every engine call of a fixed-seed run: {stat name: [value per call]}."""
+    cls = REGISTRY[name]
+    torch.manual_seed(0)
+    family = cls(from_dict(cls.Config, TINY[name], f"train.{name}"), SPEC)
+    family.set_progress(1, 1)                              # progan: the full-resolution network
+    opt_g, opt_d = family.make_optimizers()
+    step = AdversarialStep(family, opt_g, opt_d, StepConfig(precision=precision), torch.device("cpu"))
+    torch.manual_seed(1)
+    history: dict[str, list[float]] = {}
+    for it in range(STEPS):
+        stats = step(make_batch(family.data_kind, it % 3), train_g=(it + 1) % family.n_critic == 0)
+        for key, value in stats.items():
+            history.setdefault(key, []).append(float(value))
+    return history
+
+
+NOT_LOSSES = {"real", "fake", "cls_acc", "resolution", "alpha", "grad_norm", "mask_mean", "restore_mask_mean"}
+
+
+def loss_terms(history: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {k: v for k, v in history.items() if k.split("/")[-1] not in NOT_LOSSES}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_bf16_losses_match_fp32(name):
+    fp32, bf16 = loss_terms(run(name, "fp32")), loss_terms(run(name, "bf16"))
+    assert fp32.keys() == bf16.keys() and "D/loss" in fp32 and "G/loss" in fp32
+    bad = []
+    for key, ref in fp32.items():
+        got = bf16[key]
+        assert all(math.isfinite(v) for v in got), f"{name} {key}: bf16 gave {got}"
+        mean_ref, mean_got = sum(ref) / len(ref), sum(got) / len(got)
+        allowed = RTOL * sum(abs(v) for v in ref) / len(ref) + FLOOR
+        if abs(mean_got - mean_ref) > allowed:
+            bad.append(f"{key}: fp32 {mean_ref:.5g} bf16 {mean_got:.5g} (diff {abs(mean_got - mean_ref):.3g}, "
+                       f"allowed {allowed:.3g})")
+    assert not bad, f"{name}: bf16 moved the losses beyond tolerance: " + "; ".join(bad)
+
+
+def test_bf16_autocast_really_runs_in_bf16():
+    """The comparison above is only meaningful if autocast reaches the convolutions."""
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
