@@ -14,5 +14,9 @@ for _key, _value in {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # default 2 s poll costs ~1.7 s per report
     "DVC_NO_ANALYTICS": "1",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    # Spinning OpenMP workers stall whenever another process holds a core (measured: the same
+    # cyclegan step at 0.06 img/s spinning vs 0.2-0.8 img/s passive under load; bench/README.md).
+    # Must be set before torch is imported, which is why it lives here.
+    "OMP_WAIT_POLICY": "PASSIVE",
 }.items():
     _os.environ.setdefault(_key, _value)

@@ -21,6 +21,7 @@ Class index 0 is always `normal`; `DataSpec.classes[k]` names class k.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -28,6 +29,18 @@ import torch
 from torch import nn
 
 Stats = dict[str, float]
+
+
+@contextlib.contextmanager
+def fixed_rng(device: torch.device, seed: int = 0):
+    """Sample grids draw the same noise every tick and leave the training RNG streams untouched."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 @dataclass(frozen=True)

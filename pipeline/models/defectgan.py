@@ -33,7 +33,6 @@ m off the background, weak enough that defects are still painted).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ from pipeline.config import positive, require
 from pipeline.errors import PipelineError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
+from pipeline.models.base import fixed_rng as _fixed_rng
 from pipeline.models.blocks import PatchDiscriminator, patch_layers_for
 from pipeline.models.spade import SPADEResBlock
 
@@ -149,18 +149,6 @@ class DefectGenerator(nn.Module):
             h = up(F.interpolate(h, scale_factor=2, mode="nearest"), A)
         h = self.act(h)                                                  # (B, C_0, H, W)
         return torch.tanh(self.to_foreground(h)), torch.sigmoid(self.to_mask(h))
-
-
-@contextlib.contextmanager
-def _fixed_rng(device: torch.device, seed: int = 0):
-    """Sample grids draw the same noise every tick and leave the training RNG streams untouched."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.random.default_generator.manual_seed(seed)
-        if devices:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 def _shape(t) -> tuple:

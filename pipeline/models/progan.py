@@ -20,7 +20,6 @@ Loss: wgan-gp (lambda 10) + drift 0.001 E[D(x)^2]; Adam(1e-3, 0.0, 0.99); n_crit
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +31,7 @@ from pipeline.config import positive, require
 from pipeline.errors import PipelineError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
+from pipeline.models.base import fixed_rng as _fixed_rng
 from pipeline.models.equalized import EqualizedConv2d, EqualizedLinear, MinibatchStdDev, PixelNorm
 
 
@@ -177,18 +177,6 @@ class ProDiscriminator(nn.Module):
                 raise ValueError("conditional ProGAN discriminator needs labels")
             score = score + (self.embed[labels] * self.embed_scale * feat).sum(1)
         return score
-
-
-@contextlib.contextmanager
-def _fixed_rng(device: torch.device, seed: int = 0):
-    """Sample grids draw the same noise every tick and leave the training RNG streams untouched."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.random.default_generator.manual_seed(seed)
-        if devices:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 class ProGAN(GANFamily):
