@@ -45,6 +45,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         old = None
+        if final.is_dir():
+            # Keep hidden files the new output does not replace (DVC's and git's .gitignore).
+            for entry in final.iterdir():
+                if entry.name.startswith(".") and entry.is_file() and not (tmp / entry.name).exists():
+                    shutil.copy2(entry, tmp / entry.name)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)

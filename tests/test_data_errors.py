@@ -206,3 +206,17 @@ def test_stage_entry_point_runs_the_same_command(tmp_path):
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "images.parquet").is_file()
+
+
+def test_prepare_into_a_folder_holding_only_a_gitignore_keeps_it(tmp_path):
+    """A fresh clone has data/prepared/.gitignore (written by DVC) and nothing else."""
+    from pipeline.config import PrepareParams, SyntheticSourceParams
+    from pipeline.data.prepare import run_prepare
+
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / ".gitignore").write_text("/images.parquet\n")
+    run_prepare(PrepareParams(resolution=16, synthetic=SyntheticSourceParams(per_class=4, normal=8, paired=2)),
+                out, quiet=True)
+    assert (out / "classes.json").is_file()
+    assert (out / ".gitignore").read_text() == "/images.parquet\n"

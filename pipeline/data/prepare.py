@@ -58,7 +58,9 @@ def _check_out_dir(out_dir: Path) -> None:
             raise DataError(f"output folder {out_dir} {what}. Choose another --out folder.")
         if parent.exists():
             break
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / mf.CLASSES_FILE).is_file():
+    # Hidden files (a DVC/git .gitignore) do not make a folder "user data"; atomic_dir keeps them.
+    visible = [p for p in out_dir.iterdir() if not p.name.startswith(".")] if out_dir.is_dir() else []
+    if visible and not (out_dir / mf.CLASSES_FILE).is_file():
         raise DataError(f"output folder {out_dir} is not empty and is not a prepared dataset (no "
                         f"{mf.CLASSES_FILE}); refusing to replace it. Choose another --out folder or empty it.")
 

@@ -84,7 +84,7 @@ def check_out_dir(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise PipelineError(f"output path {out_dir} exists and is a file. Choose another --out.")
-    if any(out_dir.iterdir()) and not is_generation_output(out_dir):
+    if any(not p.name.startswith(".") for p in out_dir.iterdir()) and not is_generation_output(out_dir):
         raise PipelineError(f"output folder {out_dir} exists and is not a previous generation output "
                             "(no manifest.json from `pipeline generate`). Refusing to replace it: "
                             "choose another --out or move the folder away.")
