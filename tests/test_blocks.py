@@ -8,6 +8,7 @@ from torch.nn.utils import parametrize
 from pipeline.models.blocks import (
     DCGANDiscriminator,
     DCGANGenerator,
+    InstanceNorm,
     PatchDiscriminator,
     ResnetBlock,
     ResnetGenerator,
@@ -80,10 +81,10 @@ def test_spectral_norm_unit_largest_singular_value():
 
 
 def test_patchgan_norm_choices():
-    assert any(isinstance(m, nn.InstanceNorm2d) for m in PatchDiscriminator(3, 4, 2, norm="instance").modules())
+    assert any(isinstance(m, InstanceNorm) for m in PatchDiscriminator(3, 4, 2, norm="instance").modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in PatchDiscriminator(3, 4, 2, norm="batch").modules())
     plain = PatchDiscriminator(3, 4, 2, norm="none")
-    assert not any(isinstance(m, (nn.InstanceNorm2d, nn.BatchNorm2d)) for m in plain.modules())
+    assert not any(isinstance(m, (InstanceNorm, nn.BatchNorm2d)) for m in plain.modules())
     with pytest.raises(ValueError):
         PatchDiscriminator(3, 4, 2, norm="layer")
 
@@ -132,7 +133,7 @@ def test_unet_skip_connections_and_dropout_placement():
 
 
 def test_norm_layer_and_init_weights():
-    assert isinstance(norm_layer("instance", 4), nn.InstanceNorm2d)
+    assert isinstance(norm_layer("instance", 4), InstanceNorm)
     assert isinstance(norm_layer("batch", 4), nn.BatchNorm2d)
     assert isinstance(norm_layer("none", 4), nn.Identity)
     with pytest.raises(ValueError):
@@ -230,3 +231,22 @@ def test_pool_state_dict_roundtrip_reproduces_future_outputs():
         assert torch.equal(a, b)
     # the roundtrip was not trivial: some output came from the stored history
     assert any(not torch.equal(a, b) for a, b in zip(first, batches))
+
+
+def test_instance_norm_matches_torch_and_keeps_channels_last():
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 7, 6) * 3 + 2).requires_grad_()
+    ref = nn.InstanceNorm2d(5)(x)
+    ours = InstanceNorm(5)(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # each (sample, channel) plane has mean 0 and (biased) variance 1
+    torch.testing.assert_close(ours.mean((2, 3)), torch.zeros(3, 5), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.var((2, 3), unbiased=False), torch.ones(3, 5), rtol=1e-3, atol=1e-3)
+    w = torch.randn(3, 5, 7, 6)
+    g_ref, = torch.autograd.grad((ref * w).sum(), x)
+    g_ours, = torch.autograd.grad((ours * w).sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+    cl = x.detach().contiguous(memory_format=torch.channels_last)
+    assert InstanceNorm(5)(cl).is_contiguous(memory_format=torch.channels_last)
+    assert not nn.InstanceNorm2d(5)(cl).is_contiguous(memory_format=torch.channels_last)
+    assert list(InstanceNorm(5).state_dict()) == list(nn.InstanceNorm2d(5).state_dict()) == []

@@ -9,7 +9,7 @@ from pipeline.errors import ParamsError, PipelineError
 from pipeline.models.base import DataSpec
 from pipeline.models.defectgan import (Config, DefectGAN, compose, control_map, sd_constraint_loss,
                                        sd_cycle_loss)
-from pipeline.models.spade import NoiseInjection
+from pipeline.models.spade import NoiseInjection, UniformControl
 
 
 def tiny_cfg(**kw) -> Config:
@@ -97,6 +97,23 @@ def test_control_map_constant_in_training_and_regional_at_inference():
     assert torch.equal(A[1, 1], region[1, 0])
 
 
+def test_training_translation_equals_the_dense_control_map_path(tiny_spec):
+    """translate() without a region keeps A as labels (UniformControl); the generator must give
+    what it gives for the dense one-hot map, values and gradients."""
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(noise=False), tiny_spec).double()      # float64: only the maths may differ
+    x = unpaired_batch(tiny_spec)["a"].double()
+    labels = torch.tensor([1, 0, 2, 1])
+    _, f, m = fam.translate(fam.G, x, labels)
+    f_ref, m_ref = fam.G(x, control_map(labels, tiny_spec.num_classes, x.shape[-2:]).double())
+    torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m, m_ref, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad((f * 3).sum() + m.sum(), list(fam.G.parameters()))
+    grads_ref = torch.autograd.grad((f_ref * 3).sum() + m_ref.sum(), list(fam.G.parameters()))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
 # ---- losses on hand-set masks --------------------------------------------------------------------
 
 def test_sd_losses_hand_computed():
@@ -117,6 +134,8 @@ class HandSetG(nn.Module):
         self.p = nn.Parameter(torch.zeros(()))
 
     def forward(self, x, A):
+        if isinstance(A, UniformControl):
+            A = A.dense(x.shape[-2:])
         normal = A[:, :1]
         return torch.zeros_like(x) + 0 * self.p, 0.25 + 0.5 * normal + 0 * self.p
 

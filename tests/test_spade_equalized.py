@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models.equalized import EqualizedConv2d, EqualizedLinear, MinibatchStdDev, PixelNorm
-from pipeline.models.spade import SPADE, NoiseInjection, SPADEResBlock
+import pytest
+
+from pipeline.models.spade import SPADE, NoiseInjection, SPADEResBlock, UniformControl, _stretch
 
 
 # ---- equalised learning rate -----------------------------------------------------------------
@@ -150,3 +152,47 @@ def test_noise_injection_adds_weighted_noise():
     torch.testing.assert_close(layer(x), a)
     torch.manual_seed(1)
     torch.testing.assert_close(a, x + layer.weight * torch.randn(2, 1, 4, 4))
+
+
+# ---- SPADE on a per-image constant control map ---------------------------------------------------
+
+def test_stretch_keeps_the_borders_and_repeats_the_middle():
+    t = torch.arange(5.0).view(1, 5)
+    assert _stretch(t, 1, 9, 2).tolist() == [[0, 1, 2, 2, 2, 2, 2, 3, 4]]
+    assert _stretch(t, 1, 6, 2).tolist() == [[0, 1, 2, 2, 3, 4]]
+    assert _stretch(torch.arange(3.0).view(3, 1), 0, 4, 1).flatten().tolist() == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 4), (5, 5), (6, 9), (16, 16), (33, 20)])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_uniform_control_modulation_equals_the_dense_map(size, kernel_size, channels_last):
+    """Computing gamma/beta once per class on a small map and stretching it gives the dense
+    path's values and gradients at every pixel, borders included."""
+    torch.manual_seed(0)
+    K, C = 4, 6
+    spade = SPADE(C, K, hidden=5, kernel_size=kernel_size)
+    with torch.no_grad():
+        for p in spade.parameters():
+            p.normal_()
+    labels = torch.tensor([3, 0, 3, 1, 2])
+    control = UniformControl(labels, K)
+    dense = F.one_hot(labels, K).float()[:, :, None, None].expand(-1, -1, *size).contiguous()
+    assert torch.equal(control.dense(size), dense)
+    x = torch.randn(5, C, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gamma, beta = spade.modulation(control, size, channels_last)
+    gamma_ref, beta_ref = spade.modulation(dense, size)
+    torch.testing.assert_close(gamma, gamma_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(beta, beta_ref, rtol=1e-5, atol=1e-5)
+    out = spade(x, control)
+    ref = spade(x, dense)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if channels_last and min(size) > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    w = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * w).sum(), list(spade.parameters()))
+    grads_ref = torch.autograd.grad((ref * w).sum(), list(spade.parameters()))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)

@@ -27,10 +27,55 @@ NORMS = ("instance", "batch", "none")
 
 # --------------------------------------------------------------------------- helpers
 
+class InstanceNorm(nn.Module):
+    """Instance normalisation (per sample and channel over H x W, no running statistics).
+
+    Computed as group norm with one group per channel, which is the same normalisation as
+    nn.InstanceNorm2d, but keeps the input's memory format: torch's instance norm returns a
+    contiguous tensor, so in a channels_last network every norm layer cost two layout copies
+    and channels_last lost (bench/README.md). No parameters unless `affine`, so state_dicts
+    are those of nn.InstanceNorm2d.
+    """
+
+    def __init__(self, channels: int, affine: bool = False, eps: float = 1e-5):
+        super().__init__()
+        self.num_channels, self.eps = channels, eps
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and is_channels_last(x):
+            # torch's bf16 group-norm backward on channels_last is ~4x slower than on NCHW plus the
+            # two layout copies (measured at 32 x 64 x 128 x 128: 494 vs 216 ms fwd + bwd).
+            out = F.group_norm(x.contiguous(), self.num_channels, self.weight, self.bias, self.eps)
+            return out.contiguous(memory_format=torch.channels_last)
+        return F.group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True for a 4-D tensor stored channels_last (and not also plain contiguous, e.g. C = 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along channels, in the first tensor's memory format.
+
+    torch.cat of a channels_last image and an expanded label/stat map returns a plain contiguous
+    tensor, which would make the next conv (and its backward) run in the slow mixed layout.
+    """
+    out = torch.cat(tensors, 1)
+    if is_channels_last(tensors[0]) and not is_channels_last(out):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 def norm_layer(kind: str, channels: int) -> nn.Module:
     """'instance' (no affine, no running stats, as in CycleGAN/Pix2Pix), 'batch' or 'none'."""
     if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+        return InstanceNorm(channels)
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "none":
@@ -333,7 +378,7 @@ class DCGANDiscriminator(nn.Module):
             if labels is None:
                 raise ValueError("cGAN discriminator needs labels")
             c = _one_hot(labels, self.num_classes, x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
-            x = torch.cat([x, c], 1)                          # (B, C + K, H, W)
+            x = cat_channels([x, c])                          # (B, C + K, H, W)
         h = self.features(x)
         scores = self.source(h).flatten(1).squeeze(1)         # (B,)
         logits = self.classifier(h).flatten(1) if self.classifier is not None else None   # (B, K)

@@ -44,8 +44,8 @@ from pipeline.errors import PipelineError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
 from pipeline.models.base import fixed_rng as _fixed_rng
-from pipeline.models.blocks import PatchDiscriminator, patch_layers_for
-from pipeline.models.spade import SPADEResBlock
+from pipeline.models.blocks import InstanceNorm, PatchDiscriminator, cat_channels, patch_layers_for
+from pipeline.models.spade import SPADEResBlock, UniformControl
 
 
 @dataclass
@@ -127,9 +127,9 @@ class DefectGenerator(nn.Module):
         # Encoder sees the control map too (StarGAN's label-to-channels), so it can read
         # which pixels are asked to change.
         enc: list[nn.Module] = [nn.Conv2d(channels + num_classes, widths[0], 7, padding=3),
-                                nn.InstanceNorm2d(widths[0]), act]
+                                InstanceNorm(widths[0]), act]
         for i in range(n_down):
-            enc += [nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), nn.InstanceNorm2d(widths[i + 1]), act]
+            enc += [nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), InstanceNorm(widths[i + 1]), act]
         self.encoder = nn.Sequential(*enc)
         c = widths[-1]
         self.blocks = nn.ModuleList([SPADEResBlock(c, c, num_classes, spade_hidden, noise)
@@ -140,9 +140,11 @@ class DefectGenerator(nn.Module):
         self.to_foreground = nn.Conv2d(widths[0], channels, 7, padding=3)
         self.to_mask = nn.Conv2d(widths[0], 1, 7, padding=3)
 
-    def forward(self, x: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W), A (B, K, H, W) -> f (B, C, H, W) in [-1, 1], m (B, 1, H, W) in [0, 1]."""
-        h = self.encoder(torch.cat([x, A.to(x.dtype)], dim=1))          # (B, C_n, H / 2^n, W / 2^n)
+    def forward(self, x: torch.Tensor, A: torch.Tensor | UniformControl) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W), A (B, K, H, W) or one class per image -> f (B, C, H, W) in [-1, 1],
+        m (B, 1, H, W) in [0, 1]."""
+        dense = A.dense(x.shape[-2:], x.dtype) if isinstance(A, UniformControl) else A.to(x.dtype)
+        h = self.encoder(cat_channels([x, dense]))                  # (B, C_n, H / 2^n, W / 2^n)
         for block in self.blocks:
             h = block(h, A)
         for up in self.ups:
@@ -194,7 +196,10 @@ class DefectGAN(GANFamily):
     def translate(self, G: nn.Module, x: torch.Tensor, labels: torch.Tensor,
                   region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(composed image, foreground f, mask m) for target classes `labels` (inside `region`)."""
-        A = control_map(labels, self.spec.num_classes, x.shape[-2:], region)
+        if region is None:     # the training map: the label at every pixel, kept as labels (spade.py)
+            A = UniformControl(labels, self.spec.num_classes)
+        else:
+            A = control_map(labels, self.spec.num_classes, x.shape[-2:], region)
         f, m = G(x, A)
         return compose(x, f, m), f, m
 
@@ -206,8 +211,12 @@ class DefectGAN(GANFamily):
         a, b = batch["a"], batch["b"]
         # Random defect class per normal image (1..K-1), from the global RNG.
         target = torch.randint(1, self.spec.num_classes, (a.shape[0],), device=a.device)
-        d, _, m_d = self.translate(self.G, a, target)                                # defacement
-        r, _, m_r = self.translate(self.G, b, self._normal_labels(b.shape[0], b.device))   # restoration
+        # Defacement of a and restoration of b in one generator call: every layer of G works per
+        # sample (instance norm, per-sample noise), so this is the two calls' computation in one.
+        out, _, m = self.translate(self.G, torch.cat([a, b]),
+                                   torch.cat([target, self._normal_labels(b.shape[0], b.device)]))
+        d, r = out.split([a.shape[0], b.shape[0]])
+        m_d, m_r = m.split([a.shape[0], b.shape[0]])
         return {"d": d, "m_d": m_d, "r": r, "m_r": m_r, "target": target}
 
     def _real(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,8 +227,10 @@ class DefectGAN(GANFamily):
     def d_loss(self, batch, fakes) -> tuple[torch.Tensor, Stats]:
         real, real_labels = self._real(batch)
         fake = torch.cat([fakes["d"], fakes["r"]])
-        real_src, real_cls = self.D(real)
-        fake_src, _ = self.D(fake)
+        # Real and fake through D in one call: D has no normalisation, so samples do not interact.
+        src, cls_logits = self.D(torch.cat([real, fake]))
+        real_src, fake_src = src.split([real.shape[0], fake.shape[0]])
+        real_cls = cls_logits[: real.shape[0]]
         adv = losses.d_adversarial("wgan-gp", real_src, fake_src)
         gp = losses.gradient_penalty(lambda x: self.D(x)[0], real, fake)
         cls = losses.classification(real_cls, real_labels)
@@ -235,8 +246,10 @@ class DefectGAN(GANFamily):
         adv = losses.g_adversarial("wgan-gp", fake_src)
         cls = losses.classification(fake_cls, torch.cat([target, self._normal_labels(r.shape[0], r.device)]))
         # Cycles: restore the defaced normals; deface the restored defects back to their class.
-        n_hat, _, m_nh = self.translate(self.G, d, self._normal_labels(d.shape[0], d.device))
-        b_hat, _, m_bh = self.translate(self.G, r, label_b)
+        back, _, m_back = self.translate(self.G, torch.cat([d, r]),
+                                         torch.cat([self._normal_labels(d.shape[0], d.device), label_b]))
+        n_hat, b_hat = back.split([d.shape[0], r.shape[0]])
+        m_nh, m_bh = m_back.split([d.shape[0], r.shape[0]])
         rec = losses.l1(n_hat, a) + losses.l1(b_hat, b)
         sd_cyc = sd_cycle_loss(m_d, m_nh) + sd_cycle_loss(m_r, m_bh)
         sd_con = sd_constraint_loss(m_d, m_nh) + sd_constraint_loss(m_r, m_bh)

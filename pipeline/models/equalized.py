@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.blocks import cat_channels
+
 HE_GAIN = math.sqrt(2.0)
 
 
@@ -90,4 +92,4 @@ class MinibatchStdDev(nn.Module):
         std = torch.sqrt(y.pow(2).mean(dim=0) + self.eps)          # (M, C, H, W)
         stat = std.mean(dim=(1, 2, 3))                              # (M,)
         stat = stat.repeat(g).reshape(b, 1, 1, 1).expand(b, 1, h, w)   # sample i belongs to group i % M
-        return torch.cat([x, stat.to(x.dtype)], dim=1)
+        return cat_channels([x, stat.to(x.dtype)])

@@ -28,7 +28,7 @@ from pipeline.config import positive, require
 from pipeline.errors import ParamsError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
-from pipeline.models.blocks import PatchDiscriminator, ResnetGenerator, difference_mask, patch_layers_for
+from pipeline.models.blocks import PatchDiscriminator, ResnetGenerator, cat_channels, difference_mask, patch_layers_for
 
 
 @dataclass
@@ -96,7 +96,7 @@ class StarGenerator(nn.Module):
     @staticmethod
     def condition(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         c_map = c.to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])    # (B, L, H, W)
-        return torch.cat([x, c_map], 1)                                         # (B, C + L, H, W)
+        return cat_channels([x, c_map])                                         # (B, C + L, H, W)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.net(self.condition(x, c))
