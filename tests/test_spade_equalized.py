@@ -182,7 +182,7 @@ def test_uniform_control_modulation_equals_the_dense_map(size, kernel_size, chan
     x = torch.randn(5, C, *size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    gamma, beta = spade.modulation(control, size, channels_last)
+    gamma, beta = spade.modulation(control, size)
     gamma_ref, beta_ref = spade.modulation(dense, size)
     torch.testing.assert_close(gamma, gamma_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(beta, beta_ref, rtol=1e-5, atol=1e-5)

@@ -33,26 +33,24 @@ class InstanceNorm(nn.Module):
     Computed as group norm with one group per channel, which is the same normalisation as
     nn.InstanceNorm2d, but keeps the input's memory format: torch's instance norm returns a
     contiguous tensor, so in a channels_last network every norm layer cost two layout copies
-    and channels_last lost (bench/README.md). No parameters unless `affine`, so state_dicts
-    are those of nn.InstanceNorm2d.
+    and channels_last lost (bench/README.md). No affine parameters (the CycleGAN/Pix2Pix/SPADE
+    convention), so state_dicts are those of nn.InstanceNorm2d(affine=False).
     """
 
-    def __init__(self, channels: int, affine: bool = False, eps: float = 1e-5):
+    def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
         self.num_channels, self.eps = channels, eps
-        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and is_channels_last(x):
             # torch's bf16 group-norm backward on channels_last is ~4x slower than on NCHW plus the
             # two layout copies (measured at 32 x 64 x 128 x 128: 494 vs 216 ms fwd + bwd).
-            out = F.group_norm(x.contiguous(), self.num_channels, self.weight, self.bias, self.eps)
+            out = F.group_norm(x.contiguous(), self.num_channels, eps=self.eps)
             return out.contiguous(memory_format=torch.channels_last)
-        return F.group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
+        return F.group_norm(x, self.num_channels, eps=self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
+        return f"{self.num_channels}, eps={self.eps}"
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

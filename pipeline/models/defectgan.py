@@ -206,17 +206,23 @@ class DefectGAN(GANFamily):
     def _normal_labels(self, n: int, device) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.long, device=device)
 
+    def _translate_two(self, first: torch.Tensor, first_labels: torch.Tensor, second: torch.Tensor,
+                       second_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, mask) of two translations in one generator call: every layer of G works per
+        sample (instance norm, per-sample noise), so this is the two calls' computation in one.
+        Returns (first image, first mask, second image, second mask)."""
+        sizes = [first.shape[0], second.shape[0]]
+        out, _, m = self.translate(self.G, torch.cat([first, second]), torch.cat([first_labels, second_labels]))
+        (out_1, out_2), (m_1, m_2) = out.split(sizes), m.split(sizes)
+        return out_1, m_1, out_2, m_2
+
     # ---- losses ---------------------------------------------------------------------------
     def forward_g(self, batch):
         a, b = batch["a"], batch["b"]
         # Random defect class per normal image (1..K-1), from the global RNG.
         target = torch.randint(1, self.spec.num_classes, (a.shape[0],), device=a.device)
-        # Defacement of a and restoration of b in one generator call: every layer of G works per
-        # sample (instance norm, per-sample noise), so this is the two calls' computation in one.
-        out, _, m = self.translate(self.G, torch.cat([a, b]),
-                                   torch.cat([target, self._normal_labels(b.shape[0], b.device)]))
-        d, r = out.split([a.shape[0], b.shape[0]])
-        m_d, m_r = m.split([a.shape[0], b.shape[0]])
+        # Defacement of a and restoration of b.
+        d, m_d, r, m_r = self._translate_two(a, target, b, self._normal_labels(b.shape[0], b.device))
         return {"d": d, "m_d": m_d, "r": r, "m_r": m_r, "target": target}
 
     def _real(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,10 +252,7 @@ class DefectGAN(GANFamily):
         adv = losses.g_adversarial("wgan-gp", fake_src)
         cls = losses.classification(fake_cls, torch.cat([target, self._normal_labels(r.shape[0], r.device)]))
         # Cycles: restore the defaced normals; deface the restored defects back to their class.
-        back, _, m_back = self.translate(self.G, torch.cat([d, r]),
-                                         torch.cat([self._normal_labels(d.shape[0], d.device), label_b]))
-        n_hat, b_hat = back.split([d.shape[0], r.shape[0]])
-        m_nh, m_bh = m_back.split([d.shape[0], r.shape[0]])
+        n_hat, m_nh, b_hat, m_bh = self._translate_two(d, self._normal_labels(d.shape[0], d.device), r, label_b)
         rec = losses.l1(n_hat, a) + losses.l1(b_hat, b)
         sd_cyc = sd_cycle_loss(m_d, m_nh) + sd_cycle_loss(m_r, m_bh)
         sd_con = sd_constraint_loss(m_d, m_nh) + sd_constraint_loss(m_r, m_bh)

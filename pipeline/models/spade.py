@@ -72,11 +72,11 @@ class SPADE(nn.Module):
         nn.init.ones_(self.gamma.bias)
         nn.init.zeros_(self.beta.bias)
 
-    def modulation(self, control: torch.Tensor | UniformControl, size: tuple[int, int],
-                   channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def modulation(self, control: torch.Tensor | UniformControl,
+                   size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma, beta), each (B, channels, *size), from the control map resized (nearest) to `size`."""
         if isinstance(control, UniformControl):
-            return self._uniform_modulation(control, size, channels_last)
+            return self._uniform_modulation(control, size)
         if control.shape[-2:] != torch.Size(size):
             control = F.interpolate(control, size=size, mode="nearest")
         actv = self.shared(control)
@@ -105,15 +105,14 @@ class SPADE(nn.Module):
         small = torch.cat([self.gamma(actv), self.beta(actv)], dim=1)[control.labels.long()]
         return _stretch(small, 3, w, r) if w > sw else small
 
-    def _uniform_modulation(self, control: UniformControl, size: tuple[int, int],
-                            channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-size (gamma, beta) of a per-image constant map (for callers that want the maps)."""
+    def _uniform_modulation(self, control: UniformControl,
+                            size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-size (gamma, beta) of a per-image constant map (for callers that want the maps;
+        forward does without them)."""
         h, w = size
         full = self._class_modulation(control, h, w)
         if h > full.shape[2]:
             full = _stretch(full, 2, h, self.radius)
-        if channels_last:
-            full = full.contiguous(memory_format=torch.channels_last)
         gamma, beta = full.split(self.gamma.out_channels, dim=1)
         return gamma, beta
 
