@@ -11,6 +11,8 @@ from pipeline.models.defectgan import (Config, DefectGAN, compose, control_map, 
                                        sd_cycle_loss)
 from pipeline.models.spade import NoiseInjection, UniformControl
 
+from families_util import engine_iteration
+
 
 def tiny_cfg(**kw) -> Config:
     base = {"base_channels": 8, "max_channels": 16, "n_blocks": 1, "spade_hidden": 8, "d_base_channels": 8}
@@ -24,27 +26,6 @@ def unpaired_batch(spec, n=4, seed=0):
             "b": torch.rand(n, C, res, res, generator=g) * 2 - 1,
             "label_b": 1 + torch.arange(n) % (spec.num_classes - 1),
             "mask_b": torch.zeros(n, 1, res, res)}
-
-
-def engine_iteration(fam, batch, opt_g, opt_d, g_step=True):
-    """What pipeline/training/step.py does for one iteration (see base.py)."""
-    fakes = fam.forward_g(batch)
-    fam.G.requires_grad_(False)
-    fam.D.requires_grad_(True)
-    opt_d.zero_grad(set_to_none=True)
-    d_loss, d_stats = fam.d_loss(batch, {k: v.detach() for k, v in fakes.items()})
-    d_loss.backward()
-    opt_d.step()
-    g_stats = {}
-    if g_step:
-        fam.G.requires_grad_(True)
-        fam.D.requires_grad_(False)
-        opt_g.zero_grad(set_to_none=True)
-        g_loss, g_stats = fam.g_loss(batch, fakes)
-        g_loss.backward()
-        opt_g.step()
-        fam.D.requires_grad_(True)
-    return d_stats, g_stats
 
 
 def snapshot(module):
@@ -154,7 +135,9 @@ def test_g_loss_terms_on_hand_set_masks(tiny_spec):
     # f = 0: d = 0.75 a, n^ = 0.25 d = 0.1875 a; r = 0.25 b, b^ = 0.75 r = 0.1875 b.
     expected_rec = 0.8125 * (batch["a"].abs().mean() + batch["b"].abs().mean()).item()
     assert stats["G/rec"] == pytest.approx(expected_rec, rel=1e-5)
-    total = stats["G/adv"] + stats["G/cls"] + 10 * stats["G/rec"] + 5 * stats["G/sd_cyc"] + 0.1 * stats["G/sd_con"]
+    c = fam.cfg
+    total = (stats["G/adv"] + c.lambda_cls_fake * stats["G/cls"] + c.lambda_rec * stats["G/rec"]
+             + c.lambda_sd_cyc * stats["G/sd_cyc"] + c.lambda_sd_con * stats["G/sd_con"])
     assert loss.item() == pytest.approx(total, rel=1e-5)
     assert all(isinstance(v, float) for v in stats.values())
 
@@ -172,7 +155,9 @@ def test_d_loss_terms(tiny_spec):
     labels = torch.cat([torch.zeros(4, dtype=torch.long), batch["label_b"]])
     assert stats["D/adv"] == pytest.approx((fake_src.mean() - real_src.mean()).item(), rel=1e-4, abs=1e-6)
     assert stats["D/cls"] == pytest.approx(losses.classification(real_cls, labels).item(), rel=1e-5)
-    assert loss.item() == pytest.approx(stats["D/adv"] + 10 * stats["D/gp"] + stats["D/cls"], rel=1e-5)
+    c = fam.cfg
+    assert loss.item() == pytest.approx(stats["D/adv"] + c.lambda_gp * stats["D/gp"] + c.lambda_cls_real * stats["D/cls"],
+                                        rel=1e-5)
     assert {"D/loss", "D/adv", "D/gp", "D/cls"} <= set(stats)
 
 

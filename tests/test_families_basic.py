@@ -1,7 +1,7 @@
 """DCGAN, Pix2Pix, CycleGAN, StarGAN against the family contract (pipeline/models/base.py).
 
-The tests emulate the engine: forward_g once, d_loss on detached fakes with G frozen, then
-g_loss with D frozen. Images are 16 px, batch 4, widths tiny.
+Training iterations go through the production step (AdversarialStep, via tests/families_util.py).
+Images are 16 px, batch 4, widths tiny.
 """
 
 import math
@@ -18,6 +18,8 @@ from pipeline.models.cyclegan import CycleGAN
 from pipeline.models.dcgan import DCGAN
 from pipeline.models.pix2pix import Pix2Pix
 from pipeline.models.stargan import StarGAN, build_label_vector
+
+from families_util import engine_iteration
 
 SPEC = DataSpec(resolution=16, channels=3, classes=("normal", "scratch", "spot"))
 
@@ -74,25 +76,8 @@ def set_trainable(nets, flag):
 
 
 def engine_step(fam, batch, opt_g, opt_d, g_step=True):
-    """One iteration the way the engine runs it (see base.py)."""
-    G, D = fam.generators(), fam.discriminators()
-    fakes = fam.forward_g(batch)
-    set_trainable(G, False)
-    opt_d.zero_grad(set_to_none=True)
-    d_loss, d_stats = fam.d_loss(batch, {k: v.detach() for k, v in fakes.items()})
-    d_loss.backward()
-    opt_d.step()
-    fam.after_d_step()
-    set_trainable(G, True)
-    g_stats = {}
-    if g_step:
-        set_trainable(D, False)
-        opt_g.zero_grad(set_to_none=True)
-        g_loss, g_stats = fam.g_loss(batch, fakes)
-        g_loss.backward()
-        opt_g.step()
-        set_trainable(D, True)
-    return d_stats, g_stats
+    """One iteration through the production step (tests/families_util.py)."""
+    return engine_iteration(fam, batch, opt_g, opt_d, g_step)
 
 
 ALL = [DCGAN, Pix2Pix, CycleGAN, StarGAN]
@@ -280,7 +265,7 @@ def test_stargan_mask_vector_builder():
 def test_stargan_mask_vector_family():
     torch.manual_seed(0)
     fam = tiny(StarGAN, mask_vector=True, num_datasets=2, dataset_classes=[3, 2])
-    assert fam.G.net.model[1].in_channels == 3 + 3 + 2 + 2
+    assert fam.G.net[0].in_channels == 3 + 3 + 2 + 2
     assert fam.D.num_classes == 5
     batch = make_batch("labelled")
     batch["dataset"] = torch.tensor([0, 1, 0, 1])

@@ -27,60 +27,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import from_dict
 from pipeline.models import REGISTRY
-from pipeline.models.base import DataSpec
-from pipeline.training.step import AdversarialStep, StepConfig
+from pipeline.training.step import AdversarialStep, StepConfig, autocast_context
+
+from families_util import make_batch, tiny_family
 
 RES, BATCH, STEPS = 16, 4, 10
 RTOL, FLOOR = 0.08, 1e-4
-SPEC = DataSpec(resolution=RES, channels=3, classes=("normal", "scratch", "spot"))
-
-TINY = {
-    "dcgan": dict(z_dim=8, base_channels=4, d_base_channels=4),
-    "pix2pix": dict(base_channels=8, d_base_channels=8),
-    "cyclegan": dict(base_channels=8, n_blocks=1, d_base_channels=8, pool_size=4),
-    "stargan": dict(base_channels=8, n_blocks=1, d_base_channels=8),
-    "progan": dict(latent_dim=16, base_channels=8, max_channels=16),
-    "defectgan": dict(base_channels=8, max_channels=16, n_blocks=1, spade_hidden=8, d_base_channels=8),
-}
-
-
-def make_batch(kind: str, seed: int) -> dict[str, torch.Tensor]:
-    """Smooth random surfaces with bright/dark defect patches, the layout `kind` asks for (base.py)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def surfaces():
-        low = torch.rand(BATCH, 3, 4, 4, generator=g) * 1.6 - 0.8
-        return torch.nn.functional.interpolate(low, size=RES, mode="bilinear", align_corners=False)
-
-    def deface(img, labels):
-        out, mask = img.clone(), torch.zeros(BATCH, 1, RES, RES)
-        for i, k in enumerate(labels.tolist()):
-            if k:
-                r = slice(4 + k, 9 + k)
-                out[i, :, r, r] = 0.9 if k == 1 else -0.9
-                mask[i, :, r, r] = 1
-        return out, mask
-
-    labels = torch.tensor([1, 2, 1, 2])
-    if kind == "labelled":
-        lab = torch.tensor([0, 1, 2, 1])
-        img, mask = deface(surfaces(), lab)
-        return {"image": img, "label": lab, "mask": mask}
-    clean = surfaces()
-    defect, mask = deface(clean, labels)
-    if kind == "paired":
-        return {"a": clean, "b": defect, "mask": mask, "label": labels}
-    return {"a": surfaces(), "b": defect, "label_b": labels, "mask_b": mask}
-
 
 def run(name: str, precision: str, rng_seed: int = 1) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
     """Loss terms of every engine call of a fixed-seed run ({stat name: [value per call]}) and the
     family's sample rows of the trained generators (fixed-seed, fp32 inference)."""
-    cls = REGISTRY[name]
     torch.manual_seed(0)
-    family = cls(from_dict(cls.Config, TINY[name], f"train.{name}"), SPEC)
+    family = tiny_family(name)
     family.set_progress(1, 1)                              # progan: the full-resolution network
     opt_g, opt_d = family.make_optimizers()
     step = AdversarialStep(family, opt_g, opt_d, StepConfig(precision=precision), torch.device("cpu"))
@@ -160,7 +119,22 @@ def test_bf16_sample_grids_match_fp32(name, runs):
 
 
 def test_bf16_autocast_really_runs_in_bf16():
-    """The comparison above is only meaningful if autocast reaches the convolutions."""
+    """The comparison above is only meaningful if the engine's own autocast reaches the convolutions:
+    checked through autocast_context (what AdversarialStep uses) and inside a real bf16 step."""
     conv = torch.nn.Conv2d(3, 4, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
+    x = torch.randn(1, 3, 8, 8)
+    with autocast_context("bf16", torch.device("cpu")):
+        assert conv(x).dtype == torch.bfloat16
+    with autocast_context("fp32", torch.device("cpu")):
+        assert conv(x).dtype == torch.float32
+
+    torch.manual_seed(0)
+    family = tiny_family("stargan")
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+             for m in family.G.modules() if isinstance(m, torch.nn.Conv2d)]
+    step = AdversarialStep(family, *family.make_optimizers(), StepConfig(precision="bf16"), torch.device("cpu"))
+    step(make_batch("labelled", 0), train_g=True)
+    for h in hooks:
+        h.remove()
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)

@@ -8,6 +8,8 @@ from pipeline.config import from_dict
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.models.progan import Config, ProGAN, progan_schedule
 
+from families_util import engine_iteration
+
 
 def tiny_cfg(**kw) -> Config:
     return from_dict(Config, {"latent_dim": 8, "base_channels": 4, "max_channels": 8, **kw}, "train.progan")
@@ -120,33 +122,6 @@ def test_real_images_downscaled_and_blended_like_the_generator(tiny_spec):
 
 
 # ---- the engine's step: each phase leaves the other network untouched ---------------------------
-
-def engine_iteration(fam, batch, opt_g, opt_d, g_step=True):
-    """What pipeline/training/step.py does for one iteration (see base.py)."""
-    fakes = fam.forward_g(batch)
-    detached = {k: v.detach() for k, v in fakes.items()}
-    for net in fam.generators().values():
-        net.requires_grad_(False)
-    for net in fam.discriminators().values():
-        net.requires_grad_(True)
-    opt_d.zero_grad(set_to_none=True)
-    d_loss, d_stats = fam.d_loss(batch, detached)
-    d_loss.backward()
-    opt_d.step()
-    g_stats = {}
-    if g_step:
-        for net in fam.generators().values():
-            net.requires_grad_(True)
-        for net in fam.discriminators().values():
-            net.requires_grad_(False)
-        opt_g.zero_grad(set_to_none=True)
-        g_loss, g_stats = fam.g_loss(batch, fakes)
-        g_loss.backward()
-        opt_g.step()
-        for net in fam.discriminators().values():
-            net.requires_grad_(True)
-    return d_stats, g_stats
-
 
 def snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

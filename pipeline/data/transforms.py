@@ -16,6 +16,8 @@ from typing import Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+PAIR_TARGET = "image_b"   # the name a pair's second image is passed under (same transform as "image")
+
 
 def build_augment(params, seed: Optional[int] = None):
     """albumentations.Compose from AugmentParams (hflip, vflip, rotate90, brightness_contrast)."""
@@ -31,4 +33,4 @@ def build_augment(params, seed: Optional[int] = None):
     if params.brightness_contrast > 0:
         transforms.append(A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2,
                                                      p=params.brightness_contrast))
-    return A.Compose(transforms, additional_targets={"image_b": "image"}, seed=seed)
+    return A.Compose(transforms, additional_targets={PAIR_TARGET: "image"}, seed=seed)

@@ -104,6 +104,15 @@ class GANFamily(nn.Module):
     def set_progress(self, cur_nimg: int, total_nimg: int) -> None:
         """Called before each iteration with images shown so far (ProGAN growth/fade-in)."""
 
+    def uses_lr_decay(self) -> bool:
+        """Whether the engine applies the shared linear lr decay (train.common.lr_decay_start)."""
+        return True
+
+    def optimizer_phase(self) -> int:
+        """The engine clears both optimizers' state (Adam moments) whenever this value changes
+        (ProGAN: the resolution level, as the official code resets Adam when it adds one)."""
+        return 0
+
     def progress_metrics(self) -> dict[str, float]:
         """Scalars describing training progress to log per tick (ProGAN: resolution, alpha)."""
         return {}

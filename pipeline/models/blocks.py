@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-NORMS = ("instance", "batch", "none")
+NORMS = ("instance", "instance-affine", "batch", "none")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -34,23 +34,26 @@ class InstanceNorm(nn.Module):
     nn.InstanceNorm2d, but keeps the input's memory format: torch's instance norm returns a
     contiguous tensor, so in a channels_last network every norm layer cost two layout copies
     and channels_last lost (bench/README.md). No affine parameters (the CycleGAN/Pix2Pix/SPADE
-    convention), so state_dicts are those of nn.InstanceNorm2d(affine=False).
+    convention) unless `affine` (StarGAN's generator: a learned per-channel scale and shift,
+    parameters `weight` / `bias` as in nn.InstanceNorm2d(affine=True)).
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5):
+    def __init__(self, channels: int, eps: float = 1e-5, affine: bool = False):
         super().__init__()
         self.num_channels, self.eps = channels, eps
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and is_channels_last(x):
             # torch's bf16 group-norm backward on channels_last is ~4x slower than on NCHW plus the
             # two layout copies (measured at 32 x 64 x 128 x 128: 494 vs 216 ms fwd + bwd).
-            out = F.group_norm(x.contiguous(), self.num_channels, eps=self.eps)
+            out = F.group_norm(x.contiguous(), self.num_channels, self.weight, self.bias, self.eps)
             return out.contiguous(memory_format=torch.channels_last)
-        return F.group_norm(x, self.num_channels, eps=self.eps)
+        return F.group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}"
+        return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -70,21 +73,38 @@ def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+class BatchNorm(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters, buffers and state_dict) that can also normalise each
+    sample by its own statistics (`per_sample_stats = True`): what train-mode batch norm does on a
+    batch of one image, without touching the running statistics. Pix2Pix's test-time inference
+    ("batch normalization using the statistics of the test batch", batch size 1) uses it, so an
+    image's output does not depend on which other images share its batch."""
+
+    per_sample_stats: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_sample_stats:
+            return F.instance_norm(x, None, None, self.weight, self.bias, use_input_stats=True, eps=self.eps)
+        return super().forward(x)
+
+
 def norm_layer(kind: str, channels: int) -> nn.Module:
-    """'instance' (no affine, no running stats, as in CycleGAN/Pix2Pix), 'batch' or 'none'."""
-    if kind == "instance":
-        return InstanceNorm(channels)
+    """'instance' (no affine, no running stats, as in CycleGAN/Pix2Pix), 'instance-affine'
+    (learned scale and shift, as in StarGAN), 'batch' or 'none'."""
+    if kind in ("instance", "instance-affine"):
+        return InstanceNorm(channels, affine=kind == "instance-affine")
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return BatchNorm(channels)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; known: {', '.join(NORMS)}")
 
 
 def _uses_bias(norm: str) -> bool:
-    # A conv followed by batch norm does not need a bias (BN's shift replaces it); instance
-    # norm here has no affine shift, so the conv keeps its bias (as in the Pix2Pix code).
-    return norm != "batch"
+    # A conv followed by batch norm or affine instance norm does not need a bias (the norm's shift
+    # replaces it; StarGAN's convs have bias=False); plain instance norm has no affine shift, so
+    # the conv keeps its bias (as in the Pix2Pix code).
+    return norm not in ("batch", "instance-affine")
 
 
 def init_weights(module: nn.Module, gain: float = 0.02) -> nn.Module:
@@ -184,19 +204,78 @@ class PatchDiscriminator(nn.Module):
         return rf
 
 
+# --------------------------------------------------------------------------- StarGAN's D
+
+def stargan_d_layers(resolution: int, n_layers: int) -> int:
+    """`n_layers` stride-2 convs capped so the final map is at least 2x2 (StarGAN: 6 at 128 px)."""
+    return max(1, min(n_layers, int(math.log2(resolution)) - 1))
+
+
+class StarGANDiscriminator(nn.Module):
+    """StarGAN's discriminator (yunjey/stargan model.py), which Defect-GAN's paper also uses.
+
+        n_layers x [conv4 s2 -> LReLU(0.01)], channels base, 2 base, 4 base, ... (doubling, no cap)
+        source head: conv3 s1 p1 -> 1 channel, no bias            (B, 1, h, w) patch scores
+        class head:  conv (h x w) over the whole final map, no bias  (B, num_classes) logits
+    No normalisation (a WGAN-GP critic's gradient penalty is per sample). At 128 px, 6 layers,
+    base 64 and 5 classes this is the reference's 44.8 M parameters. `n_layers` is capped by
+    `stargan_d_layers` so the final map stays at least 2x2 on small images.
+    """
+
+    def __init__(self, in_channels: int, resolution: int, base_channels: int = 64, n_layers: int = 6,
+                 num_classes: int = 0):
+        super().__init__()
+        n_layers = stargan_d_layers(resolution, n_layers)
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.01)]
+        ch = base_channels
+        for _ in range(1, n_layers):
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.LeakyReLU(0.01)]
+            ch *= 2
+        self.features = nn.Sequential(*layers)
+        final = resolution // 2 ** n_layers
+        self.source = nn.Conv2d(ch, 1, 3, 1, 1, bias=False)
+        self.classifier = nn.Conv2d(ch, num_classes, final, bias=False) if num_classes > 0 else None
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.features(x)                                   # (B, C', res / 2^n, res / 2^n)
+        scores = self.source(h)                                # (B, 1, h, w)
+        logits = self.classifier(h).flatten(1) if self.classifier is not None else None   # (B, K)
+        return scores, logits
+
+
+D_ARCHS = ("stargan", "patchgan")
+
+
+def class_discriminator(arch: str, in_channels: int, resolution: int, base_channels: int, n_layers: int,
+                        num_classes: int) -> nn.Module:
+    """The critic + auxiliary classifier of StarGAN / Defect-GAN: 'stargan' (the papers' D) or
+    'patchgan' (a 70 px PatchGAN whose class logits are averaged over patches; lighter)."""
+    if arch == "stargan":
+        return StarGANDiscriminator(in_channels, resolution, base_channels, n_layers, num_classes)
+    if arch == "patchgan":
+        return PatchDiscriminator(in_channels, base_channels, patch_layers_for(resolution, n_layers),
+                                  num_classes=num_classes, norm="none")
+    raise ValueError(f"unknown discriminator {arch!r}; known: {', '.join(D_ARCHS)}")
+
+
 # --------------------------------------------------------------------------- ResNet generator
 
 class ResnetBlock(nn.Module):
-    """x + [reflpad1 conv3 norm ReLU reflpad1 conv3 norm](x)  (CycleGAN's R256 block)."""
+    """x + [pad1 conv3 norm ReLU pad1 conv3 norm](x): CycleGAN's R256 block (reflection padding)
+    or StarGAN's residual block (`padding="zeros"`)."""
 
-    def __init__(self, channels: int, norm: str = "instance"):
+    def __init__(self, channels: int, norm: str = "instance", padding: str = "reflect"):
         super().__init__()
         bias = _uses_bias(norm)
-        self.block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias), norm_layer(norm, channels),
-            nn.ReLU(inplace=True),
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias), norm_layer(norm, channels),
-        )
+
+        def conv3() -> list[nn.Module]:
+            if padding == "reflect":
+                return [nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias)]
+            return [nn.Conv2d(channels, channels, 3, padding=1, bias=bias)]
+
+        self.block = nn.Sequential(*conv3(), norm_layer(norm, channels), nn.ReLU(inplace=True),
+                                   *conv3(), norm_layer(norm, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)

@@ -15,7 +15,8 @@ to their own class (b^ = G(r, A_{label_b})), as the paper trains both ways.
        -> n_down x (upsample, SPADEResBlock(A)) -> heads: f = tanh(conv7), m = sigmoid(conv7)
        SPADE on A at every bottleneck/decoder layer; learned-scale noise after every conv there
        (the paper's adaptive noise insertion, stochastic variation of the defects).
-    D: PatchGAN source head + auxiliary classifier (StarGAN's D), no normalisation (WGAN-GP).
+    D: StarGAN's D (source head + auxiliary classifier over the whole final map), no normalisation
+       (WGAN-GP); `d_arch: patchgan` keeps the lighter PatchGAN.
 
 Losses (means over elements; both directions summed):
     L_D = -L_adv + lambda_gp GP + lambda_cls_real CE(D_cls(real), label)
@@ -25,10 +26,13 @@ Losses (means over elements; both directions summed):
 Training uses a constant A (the target label at every pixel); at inference A may vary over the
 image (target class inside a user region, normal outside) to place defects where asked.
 
-Defaults: Adam(2e-4, 0.5, 0.999), n_critic 5, lambda_gp 10, lambda_cls 1/1 (StarGAN),
-lambda_rec 10 (StarGAN), lambda_sd_cyc 5 (the mask cycle weighs like an image cycle term at
-half the reconstruction weight), lambda_sd_con 0.1 (a weak sparsity prior: strong enough to keep
-m off the background, weak enough that defects are still painted).
+Defaults and where they come from. The paper (as the lecture notes give it) states the losses
+but not their weights; the two public re-implementations that carry the paper's settings agree on
+6 residual blocks, lambda_rec 5, lambda_sd_cyc 5 and lambda_sd_con 1, and differ on the classifier
+weights (jason2714/de-i2i-gan: cls_real 2, cls_fake 5; RyanLu0701/Defect-GAN: 5, 10). We take
+jason2714's (the smaller pair), and from the paper: Adam(2e-4, 0.5, 0.999), n_critic 5,
+lambda_gp 10 (WGAN-GP), StarGAN's D (6 stride-2 convs, class head over the whole final map) and
+StarGAN's widths (G from 64 channels). README "Training presets" has the complete paper setting.
 """
 
 from __future__ import annotations
@@ -44,33 +48,35 @@ from pipeline.errors import PipelineError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
 from pipeline.models.base import fixed_rng as _fixed_rng
-from pipeline.models.blocks import InstanceNorm, PatchDiscriminator, cat_channels, patch_layers_for
+from pipeline.models.blocks import D_ARCHS, InstanceNorm, cat_channels, class_discriminator
 from pipeline.models.spade import SPADEResBlock, UniformControl
 
 
 @dataclass
 class Config:
-    base_channels: int = 32          # G's first conv width (paper / StarGAN: 64); x2 per down ...
-    max_channels: int = 256          # ... up to this
-    n_down: int = 2                  # encoder downsamplings (= decoder upsamplings)
-    n_blocks: int = 4                # SPADE ResBlocks at the bottleneck (StarGAN: 6)
+    base_channels: int = 64          # G's first conv width (StarGAN: 64); x2 per down ...
+    max_channels: int = 256          # ... up to this (StarGAN: 256 at the bottleneck)
+    n_down: int = 2                  # encoder downsamplings (= decoder upsamplings), as StarGAN
+    n_blocks: int = 6                # SPADE ResBlocks at the bottleneck (re-implementations: 6)
     spade_hidden: int = 32           # width of SPADE's gamma/beta conv net
     noise: bool = True               # adaptive noise insertion
+    d_arch: str = "stargan"          # the paper's (StarGAN's) D; "patchgan": lighter, class logits averaged
     d_base_channels: int = 64
-    d_layers: int = 3                # PatchGAN strided layers (capped for small images)
-    lambda_gp: float = 10.0
-    lambda_cls_real: float = 1.0
-    lambda_cls_fake: float = 1.0
-    lambda_rec: float = 10.0
-    lambda_sd_cyc: float = 5.0
-    lambda_sd_con: float = 0.1
-    n_critic: int = 5
+    d_layers: int = 6                # StarGAN's D: 6 stride-2 convs (capped so the final map is >= 2x2)
+    lambda_gp: float = 10.0          # WGAN-GP
+    lambda_cls_real: float = 2.0     # jason2714 (RyanLu0701: 5)
+    lambda_cls_fake: float = 5.0     # jason2714 (RyanLu0701: 10)
+    lambda_rec: float = 5.0          # both re-implementations
+    lambda_sd_cyc: float = 5.0       # both
+    lambda_sd_con: float = 1.0       # both
+    n_critic: int = 5                # paper
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
 
     def validate(self, where: str) -> None:
+        require(self.d_arch in D_ARCHS, f"{where}.d_arch", f"must be one of {', '.join(D_ARCHS)}, got {self.d_arch!r}.")
         positive(self, where, "base_channels", "max_channels", "n_down", "spade_hidden",
                  "d_base_channels", "d_layers", "n_critic", "lr_g", "lr_d")
         require(self.n_blocks >= 0, f"{where}.n_blocks", "must be 0 or more.")
@@ -177,8 +183,8 @@ class DefectGAN(GANFamily):
                                 f"{spec.resolution}. Lower n_down or change prepare.resolution.")
         self.G = DefectGenerator(spec.channels, K, cfg.base_channels, cfg.max_channels, cfg.n_down,
                                  cfg.n_blocks, cfg.spade_hidden, cfg.noise)
-        self.D = PatchDiscriminator(spec.channels, cfg.d_base_channels,
-                                    patch_layers_for(spec.resolution, cfg.d_layers), num_classes=K, norm="none")
+        self.D = class_discriminator(cfg.d_arch, spec.channels, spec.resolution, cfg.d_base_channels,
+                                     cfg.d_layers, K)
 
     # ---- networks -------------------------------------------------------------------------
     def generators(self) -> dict[str, nn.Module]:

@@ -9,10 +9,18 @@
 Adversarial loss: the paper trains G to maximise log D(x, G(x)) with BCE on logits, which is
 `nonsaturating` in losses.py (`vanilla` there is the saturating minimax form); that is the default.
 One defect domain, so `class_conditional` is False.
+
+Inference (`inference: paper`, the default): as the paper, "at inference time, we run the generator
+net in exactly the same manner as during the training phase": dropout stays on (G's only noise
+source) and batch norm uses the test batch's statistics, with the paper's test batch of one image,
+i.e. each image's own statistics (blocks.BatchNorm.per_sample_stats). So the EMA generator's copied
+running statistics are never used, and an image's output depends only on it and the RNG, not on its
+batch. `inference: eval` is the usual eval mode (running statistics, no dropout).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -23,7 +31,8 @@ from pipeline.config import positive, require
 from pipeline.errors import ParamsError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
-from pipeline.models.blocks import PatchDiscriminator, UnetGenerator, difference_mask, init_weights, patch_layers_for
+from pipeline.models.blocks import (BatchNorm, PatchDiscriminator, UnetGenerator, difference_mask, init_weights,
+                                    patch_layers_for)
 
 # Losses that suit a normalised PatchGAN (no weight clipping, no per-sample gradient penalty).
 PATCH_LOSSES = ("vanilla", "nonsaturating", "lsgan", "hinge")
@@ -39,6 +48,7 @@ class Config:
     d_base_channels: int = 64
     d_layers: int = 3                # 70x70 PatchGAN; capped so the grid stays >= 2x2 at small sizes
     norm: Literal["batch", "instance"] = "batch"
+    inference: Literal["paper", "eval"] = "paper"   # see the module docstring
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
@@ -47,6 +57,8 @@ class Config:
         require(self.loss in PATCH_LOSSES, f"{where}.loss",
                 f"must be one of {', '.join(PATCH_LOSSES)} (pix2pix's PatchGAN is not a WGAN critic), "
                 f"got {self.loss!r}.")
+        require(self.inference in ("paper", "eval"), f"{where}.inference",
+                f"must be 'paper' (test-time dropout, per-image statistics) or 'eval', got {self.inference!r}.")
         positive(self, where, "base_channels", "d_base_channels", "d_layers", "lr")
         require(self.lambda_l1 >= 0, f"{where}.lambda_l1", "must be 0 or more.")
         if self.num_downs is not None:
@@ -106,14 +118,37 @@ class Pix2Pix(GANFamily):
         return loss, {"G/adv": adv.item(), "G/l1": l1.item()}
 
     # ---- sampling -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def inference_mode(self, G: nn.Module):
+        """G as the paper runs it at test time (module docstring); restores G's modes after."""
+        if self.cfg.inference != "paper":
+            yield G
+            return
+        dropouts = [m for m in G.modules() if isinstance(m, nn.Dropout)]
+        norms = [m for m in G.modules() if isinstance(m, BatchNorm)]
+        was_training = [m.training for m in dropouts]
+        for m in dropouts:
+            m.train()
+        for m in norms:
+            m.per_sample_stats = True
+        try:
+            yield G
+        finally:
+            for m, flag in zip(dropouts, was_training):
+                m.train(flag)
+            for m in norms:
+                m.per_sample_stats = False
+
     @torch.no_grad()
     def sample(self, batch, generators):
         a, b = batch["a"], batch["b"]
-        out = generators["G"](a)
+        with self.inference_mode(generators["G"]) as G:
+            out = G(a)
         mask = difference_mask(out, a).expand_as(a) * 2 - 1
         return {"input": a, "translated": out, "target": b, "mask": mask}
 
     @torch.no_grad()
     def synthesize(self, normal, labels, region=None):
-        out = self.G(normal)
+        with self.inference_mode(self.G) as G:
+            out = G(normal)
         return out, difference_mask(out, normal)

@@ -51,6 +51,10 @@ class Config:
     beta1: float = 0.0
     beta2: float = 0.99
     n_critic: int = 1
+    # The paper trains at a constant lr; true applies the shared linear decay of train.common.
+    lr_decay: bool = False
+    # The official code (reset_opt_for_new_lod) clears Adam's moments when a resolution is added.
+    reset_optimizer_on_grow: bool = True
 
     def validate(self, where: str) -> None:
         positive(self, where, "latent_dim", "base_channels", "max_channels", "lr", "n_critic")
@@ -222,6 +226,12 @@ class ProGAN(GANFamily):
 
     def set_progress(self, cur_nimg: int, total_nimg: int) -> None:
         self.level, self.alpha = progan_schedule(cur_nimg, self.phase_nimg(total_nimg), self.max_level)
+
+    def uses_lr_decay(self) -> bool:
+        return self.cfg.lr_decay
+
+    def optimizer_phase(self) -> int:
+        return self.level if self.cfg.reset_optimizer_on_grow else 0
 
     def batch_size(self, default: int) -> int:
         return self._batch_sizes.get(self.current_resolution, default)

@@ -1,7 +1,8 @@
 """StarGAN (Choi et al. 2018): one generator translates between all domains (normal + each defect class).
 
     G(x, c): target label c (one-hot) replicated over H x W, concatenated to x's channels
-    D(x) -> (patch scores, domain logits)  PatchGAN, no normalisation (wgan-gp critic)
+    D(x) -> (patch scores, domain logits)  StarGAN's D (6 stride-2 convs, 3x3 source head, class head
+                                           over the whole final map), no normalisation (wgan-gp critic)
     L_D = -L_adv + lambda_cls CE(D_cls(x), c_org)             L_adv: wgan-gp (lambda_gp = 10)
     L_G =  L_adv + lambda_cls CE(D_cls(G(x, c_trg)), c_trg) + lambda_rec ||G(G(x, c_trg), c_org) - x||_1
 Target labels are a random permutation of the batch's labels (as StarGAN's solver does),
@@ -28,7 +29,7 @@ from pipeline.config import positive, require
 from pipeline.errors import ParamsError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
-from pipeline.models.blocks import PatchDiscriminator, ResnetGenerator, cat_channels, difference_mask, patch_layers_for
+from pipeline.models.blocks import D_ARCHS, ResnetBlock, cat_channels, class_discriminator, difference_mask, norm_layer
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Config:
     n_blocks: int = 6
     n_down: int = 2
     d_base_channels: int = 64
-    d_layers: int = 6                # StarGAN's D has 6 stride-2 convs; capped so the grid stays >= 2x2
+    d_layers: int = 6                # StarGAN's D has 6 stride-2 convs; capped so the map stays >= 2x2
+    d_arch: str = "stargan"          # the paper's D; "patchgan": a lighter 70 px PatchGAN + averaged class logits
     mask_vector: bool = False
     num_datasets: int = 1
     dataset_classes: list[int] = field(default_factory=list)   # label-set size per dataset; [] = spec's for all
@@ -54,6 +56,7 @@ class Config:
     def validate(self, where: str) -> None:
         require(self.loss in losses.LOSS_NAMES, f"{where}.loss",
                 f"must be one of {', '.join(losses.LOSS_NAMES)}, got {self.loss!r}.")
+        require(self.d_arch in D_ARCHS, f"{where}.d_arch", f"must be one of {', '.join(D_ARCHS)}, got {self.d_arch!r}.")
         positive(self, where, "n_critic", "lr", "base_channels", "n_down", "d_base_channels",
                  "d_layers", "num_datasets", "clip")
         for name in ("lambda_cls", "lambda_rec", "lambda_gp", "n_blocks"):
@@ -87,11 +90,33 @@ def build_label_vector(labels: torch.Tensor, sizes: Sequence[int], dataset: torc
 
 
 class StarGenerator(nn.Module):
-    """G(x, c): ResnetGenerator over [x, c replicated over H x W] (C + label_dim input channels)."""
+    """G(x, c) over [x, c replicated over H x W], StarGAN's layout (yunjey/stargan model.py):
+
+        conv7 -> IN -> ReLU; n_down x [conv4 s2 -> IN -> ReLU]; n_blocks x residual block;
+        n_down x [convT4 s2 -> IN -> ReLU]; conv7 -> tanh
+    Zero padding everywhere and instance norm with a learned scale and shift; convs without bias.
+    Both matter for the label: with reflection padding the constant label planes stay constant
+    across the first conv's window, so it adds one value per channel at every pixel, which an
+    affine-free instance norm then subtracts exactly, and G's output would not depend on c.
+    Zero padding makes the label's contribution vary near the borders, so it survives the norm.
+    """
 
     def __init__(self, channels: int, label_dim: int, base_channels: int, n_blocks: int, n_down: int):
         super().__init__()
-        self.net = ResnetGenerator(channels + label_dim, channels, base_channels, n_blocks, n_down, "instance")
+        norm = "instance-affine"
+        ch = base_channels
+        layers: list[nn.Module] = [nn.Conv2d(channels + label_dim, ch, 7, 1, 3, bias=False),
+                                   norm_layer(norm, ch), nn.ReLU(inplace=True)]
+        for _ in range(n_down):
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), norm_layer(norm, ch * 2), nn.ReLU(inplace=True)]
+            ch *= 2
+        layers += [ResnetBlock(ch, norm, padding="zeros") for _ in range(n_blocks)]
+        for _ in range(n_down):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), norm_layer(norm, ch // 2),
+                       nn.ReLU(inplace=True)]
+            ch //= 2
+        layers += [nn.Conv2d(ch, channels, 7, 1, 3, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
 
     @staticmethod
     def condition(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -122,8 +147,7 @@ class StarGAN(GANFamily):
             self.sizes = (spec.num_classes,)
         label_dim = sum(self.sizes) + (len(self.sizes) if cfg.mask_vector else 0)
         self.G = StarGenerator(c, label_dim, cfg.base_channels, cfg.n_blocks, cfg.n_down)
-        self.D = PatchDiscriminator(c, cfg.d_base_channels, patch_layers_for(res, cfg.d_layers),
-                                    num_classes=sum(self.sizes), norm="none")
+        self.D = class_discriminator(cfg.d_arch, c, res, cfg.d_base_channels, cfg.d_layers, sum(self.sizes))
 
     def generators(self) -> dict[str, nn.Module]:
         return {"G": self.G}

@@ -78,20 +78,25 @@ class BatchSource:
                 raise ValueError(f"unknown data kind {data_kind!r}")
 
     def _augment(self, images: list[torch.Tensor], mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Same albumentations transform for every image of a sample and its mask."""
+        """One albumentations draw per sample, applied identically to its image(s) and mask.
+
+        A pair's second image goes in under the target name the Compose registers for it
+        (transforms.PAIR_TARGET); under any other name albumentations would pass it through
+        untouched while A and the mask flip.
+        """
         if self.augment is None:
             return images, mask
+        from pipeline.data.transforms import PAIR_TARGET
+
+        names = ["image", PAIR_TARGET][: len(images)]
         out_imgs = [img.clone() for img in images]
         out_mask = mask.clone()
         for i in range(mask.shape[0]):
             self.augment.set_random_seed(self.seed * 1_000_003 + self.draws * 4099 + i)
-            arrays = {"image": images[0][i].permute(1, 2, 0).numpy(), "mask": mask[i, 0].numpy()}
-            for j, img in enumerate(images[1:], start=1):
-                arrays[f"image{j}"] = img[i].permute(1, 2, 0).numpy()
-            res = self.augment(**arrays)
-            out_imgs[0][i] = torch.from_numpy(np.ascontiguousarray(res["image"])).permute(2, 0, 1)
-            for j in range(1, len(images)):
-                out_imgs[j][i] = torch.from_numpy(np.ascontiguousarray(res[f"image{j}"])).permute(2, 0, 1)
+            arrays = {name: img[i].permute(1, 2, 0).numpy() for name, img in zip(names, images)}
+            res = self.augment(**arrays, mask=mask[i, 0].numpy())
+            for name, out in zip(names, out_imgs):
+                out[i] = torch.from_numpy(np.ascontiguousarray(res[name])).permute(2, 0, 1)
             out_mask[i, 0] = torch.from_numpy(np.ascontiguousarray(res["mask"]))
         return out_imgs, out_mask
 

@@ -132,7 +132,10 @@ class Trainer:
             self.family = self.family.to(memory_format=torch.channels_last)
         self.ema = {name: make_ema(m) for name, m in self.family.generators().items()}
         self.opt_g, self.opt_d = self.family.make_optimizers()
-        decay = lambda nimg: linear_decay_factor(nimg, self.total_nimg, c.lr_decay_start)  # noqa: E731
+        if self.family.uses_lr_decay():
+            decay = lambda nimg: linear_decay_factor(nimg, self.total_nimg, c.lr_decay_start)  # noqa: E731
+        else:
+            decay = lambda nimg: 1.0  # noqa: E731
         self.sched_g, self.sched_d = LRSchedule(self.opt_g, decay), LRSchedule(self.opt_d, decay)
         self.step = AdversarialStep(self.family, self.opt_g, self.opt_d,
                                     StepConfig(c.precision, c.grad_clip), self.device)
@@ -233,8 +236,15 @@ class Trainer:
         acc_n: dict[str, int] = defaultdict(int)
         tick_start, tick_start_nimg, tick_flops = time.perf_counter(), self.nimg, 0.0
         metrics: dict[str, float] = dict(self.history[-1]) if self.history else {}
+        self.family.set_progress(self.nimg, self.total_nimg)
+        phase = self.family.optimizer_phase()
         while self.nimg < self.total_nimg:
             self.family.set_progress(self.nimg, self.total_nimg)
+            if self.family.optimizer_phase() != phase:
+                # A new phase (ProGAN: a resolution is added): fresh Adam moments, as the family asks.
+                phase = self.family.optimizer_phase()
+                self.opt_g.state.clear()
+                self.opt_d.state.clear()
             lr_g, lr_d = self.sched_g.apply(self.nimg), self.sched_d.apply(self.nimg)
             bs = self.family.batch_size(c.batch_size)
             batch = self.source.next(bs, self.device, c.channels_last)

@@ -369,15 +369,24 @@ def _deliver(result, out_dir: Path) -> Path:
     return out_dir
 
 
+def train_job(params: Params, family: str, data_dir: Path, out_dir: Path) -> TrainJob:
+    """The TrainJob `params` describe for `family`: its validated configs and prepare.augment, the
+    train-time augmentation dvc.yaml declares as a train param. work_dir is replaced per worker."""
+    common, family_cfg = train_params(params, family)
+    return TrainJob(family=family, common=common, family_cfg=family_cfg, prepared_dir=Path(data_dir),
+                    out_dir=Path(out_dir), work_dir=Path(out_dir), augment=params.prepare.augment)
+
+
 def launch_training(params: Params, family: str, data_dir: Path, out_dir: Path, ray_overrides: dict,
                     resume: bool, run_name: str | None, dvc_stage: str | None) -> dict:
     """Train `family` on Ray Train; write models/<family>/; log to MLflow. Returns a summary dict:
     run_name, run_dir, out_dir, metrics (last tick), mlflow_run_id, worker_nodes, world_size, seconds.
     """
     start = time.perf_counter()
-    common, family_cfg = train_params(params, family)   # unknown family / bad keys: ParamsError
-    rp = ray_params(params, ray_overrides)
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    job = train_job(params, family, data_dir, out_dir)   # unknown family / bad keys: ParamsError
+    common = job.common
+    rp = ray_params(params, ray_overrides)
     if not (data_dir / "classes.json").exists():
         raise DataError(f"no prepared dataset at {data_dir} (classes.json missing). Run `pipeline prepare` "
                         "first, or pass --data <prepared folder>.")
@@ -385,8 +394,6 @@ def launch_training(params: Params, family: str, data_dir: Path, out_dir: Path, 
     storage = _storage(rp.storage_path)
     run_name = choose_run_name(storage, family, run_name, resume)
     run_dir = f"{storage.rstrip('/')}/{run_name}"
-    job = TrainJob(family=family, common=common, family_cfg=family_cfg, prepared_dir=data_dir,
-                   out_dir=out_dir, work_dir=out_dir)   # both replaced per worker
 
     from pipeline import tracking
 
