@@ -175,6 +175,9 @@ class SplitParams:
 # Names the synthetic generator knows (pipeline/data/synthetic.py); aliases render the same way.
 SYNTHETIC_DEFECTS = ("scratch", "spot", "stain", "crack", "pit", "dent")
 SYNTHETIC_TEXTURES = ("brushed_metal", "woven_fabric", "speckled", "granular")
+# ... and those of its production preset (PRODUCTION_DEFECTS / PRODUCTION_TEXTURES there).
+PRODUCTION_DEFECTS = ("crack", "pit", "stain")
+PRODUCTION_TEXTURES = ("brushed_steel", "cast_matte", "machined")
 
 
 def _known_names(values: list[str], known: tuple[str, ...], key: str) -> None:
@@ -200,14 +203,53 @@ def _regex(value: Optional[str], key: str, groups: int = 0) -> None:
 
 
 @dataclass
-class SyntheticSourceParams:
-    """The embedded procedural source: industrial surfaces with exactly-masked defects."""
+class ProductionPresetParams:
+    """`prepare.synthetic.preset: production`: grey inspection images, faint small defects,
+    strong class imbalance (pipeline/data/synthetic.py). Meant for `prepare.channels: 1`
+    (with 3 channels the grey value is repeated)."""
 
+    # Defect images per class, in label order. Like a real line: tens per class, not hundreds.
+    per_class: dict[str, int] = field(default_factory=lambda: {"crack": 40, "pit": 25, "stain": 15})
+    normal: int = 400
+    paired: int = 30
+    textures: list[str] = field(default_factory=lambda: list(PRODUCTION_TEXTURES))
+
+    def validate(self, where: str) -> None:
+        key = f"{where}.per_class"
+        require(len(self.per_class) >= 1, key, "must map at least one defect class to its image count, "
+                                               "e.g. {crack: 40, pit: 25, stain: 15}.")
+        _known_names([str(k) for k in self.per_class], PRODUCTION_DEFECTS, key)
+        for name, n in self.per_class.items():
+            require(n > 0, f"{key}.{name}", f"must be greater than 0, got {n!r}.")
+        positive(self, where, "normal")
+        require(self.paired >= 0, f"{where}.paired", "must be 0 or more.")
+        require(len(self.textures) >= 1, f"{where}.textures", "must name at least one texture.")
+        _known_names(self.textures, PRODUCTION_TEXTURES, f"{where}.textures")
+
+
+@dataclass(frozen=True)
+class SyntheticLayout:
+    """What the selected synthetic preset renders."""
+
+    class_counts: dict[str, int]   # defect class -> images, in label order
+    textures: list[str]
+    normal: int
+    paired: int
+
+
+@dataclass
+class SyntheticSourceParams:
+    """The embedded procedural source: industrial surfaces with exactly-masked defects.
+
+    `preset: classic` renders the keys below; `preset: production` renders `production`."""
+
+    preset: Literal["classic", "production"] = "classic"
     classes: list[str] = field(default_factory=lambda: ["scratch", "spot", "crack", "pit"])
     textures: list[str] = field(default_factory=lambda: ["brushed_metal", "woven_fabric", "speckled"])
     per_class: int = 40          # defect images per class (unpaired set)
     normal: int = 80             # normal images (unpaired pool, independent surfaces)
     paired: int = 40             # (clean, defective) pairs of the same surface
+    production: ProductionPresetParams = field(default_factory=ProductionPresetParams)
 
     def validate(self, where: str) -> None:
         positive(self, where, "per_class", "normal")
@@ -216,6 +258,13 @@ class SyntheticSourceParams:
         require(len(self.textures) >= 1, f"{where}.textures", "must name at least one texture.")
         _known_names(self.classes, SYNTHETIC_DEFECTS, f"{where}.classes")
         _known_names(self.textures, SYNTHETIC_TEXTURES, f"{where}.textures")
+
+    def layout(self) -> SyntheticLayout:
+        if self.preset == "production":
+            p = self.production
+            return SyntheticLayout(dict(p.per_class), list(p.textures), p.normal, p.paired)
+        return SyntheticLayout({c: self.per_class for c in self.classes}, list(self.textures),
+                               self.normal, self.paired)
 
 
 @dataclass

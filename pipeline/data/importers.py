@@ -232,7 +232,8 @@ def collect_synthetic(p) -> Collected:
     from pipeline.data.synthetic import specs
 
     sp = p.synthetic
-    col = Collected(classes=list(sp.classes), root=None)
+    layout = sp.layout()
+    col = Collected(classes=list(layout.class_counts), root=None)
     for spec in specs(sp, p.seed):
         kind, label, index, texture = spec[0], spec[1], spec[2], spec[3]
         sid = f"synthetic/{kind}/{label}/{index:05d}"
@@ -243,8 +244,8 @@ def collect_synthetic(p) -> Collected:
         else:
             col.images.append(SyntheticItem(id=f"{label}/{index:05d}", label=label, source_id=sid,
                                             source_path=path, spec=spec))
-    col.notes.append(f"synthetic source: {len(sp.classes)} defect classes on textures {', '.join(sp.textures)}, "
-                     f"seed {p.seed}")
+    col.notes.append(f"synthetic source ({sp.preset} preset): {len(layout.class_counts)} defect classes on "
+                     f"textures {', '.join(layout.textures)}, seed {p.seed}")
     return col
 
 
