@@ -301,15 +301,83 @@ class FolderSourceParams:
 
 @dataclass
 class RootSourceParams:
-    """Sources that only need a root folder (mvtec, cyclegan) or a layout choice (paired)."""
+    """Sources that only need a root folder (mvtec, cyclegan)."""
 
     root: str = ""
-    layout: Literal["split", "AB"] = "split"   # paired only: A/ + B/ folders, or side-by-side AB images
-    # paired only, when no masks/<stem>.png exists: mask = max |B - A| > this (0..255); 0 = no mask.
+
+
+# Box geometries a box annotation line can give (prepare.paired.boxes.columns): corners,
+# top-left + size, centre + size (YOLO). "class" names the class column, "_" a column to ignore.
+BOX_GEOMETRIES = ({"x1", "y1", "x2", "y2"}, {"x", "y", "w", "h"}, {"cx", "cy", "w", "h"})
+BOX_COLUMN_NAMES = ("x1", "y1", "x2", "y2", "x", "y", "w", "h", "cx", "cy", "class", "_")
+
+
+@dataclass
+class BoxFormatParams:
+    """Box annotations: one text file per pair, one box per line (format in pipeline/data/SCHEMA.md)."""
+
+    # Where a pair's box file is, relative to its test (B) image's folder; None: no boxes.
+    # Placeholders: {id} (pair id: the file name without the suffix), {stem}, {folder}, {root}.
+    pattern: Optional[str] = None
+    delimiter: Optional[str] = ","      # None: any run of whitespace
+    columns: list[str] = field(default_factory=lambda: ["x1", "y1", "x2", "y2", "class"])
+    units: Literal["pixel", "fraction"] = "pixel"   # fraction: of the image's width / height (YOLO)
+    class_names: dict[str, str] = field(default_factory=dict)   # value in the file -> class name
+    skip_lines: int = 0                 # header lines at the top of every file
+
+    def validate(self, where: str) -> None:
+        import string
+
+        if self.pattern is not None:
+            try:
+                names = {f for _, f, _, _ in string.Formatter().parse(self.pattern) if f is not None}
+            except ValueError as err:
+                raise ParamsError(f"params key '{where}.pattern' is malformed ({err}).") from None
+            bad = sorted(names - {"id", "stem", "folder", "root"})
+            require(not bad, f"{where}.pattern", f"uses unknown placeholder(s) {bad}; allowed: folder, id, root, stem.")
+            require(bool(names & {"id", "stem"}), f"{where}.pattern",
+                    "must contain {id} or {stem} so each pair finds its own file, e.g. '{id}.txt'.")
+        require(self.delimiter is None or self.delimiter != "", f"{where}.delimiter",
+                "must be a character such as ',' or null (any whitespace).")
+        unknown = [c for c in self.columns if c not in BOX_COLUMN_NAMES]
+        require(not unknown, f"{where}.columns", f"has unknown column name(s) {unknown}; known: "
+                f"{', '.join(BOX_COLUMN_NAMES)} ('_' ignores a column).")
+        named = [c for c in self.columns if c != "_"]
+        require(len(set(named)) == len(named), f"{where}.columns", f"names a column twice: {self.columns}.")
+        geometry = set(named) - {"class"}
+        require(geometry in BOX_GEOMETRIES, f"{where}.columns",
+                f"must give one box geometry: x1, y1, x2, y2 (corners), x, y, w, h (top-left and size) or "
+                f"cx, cy, w, h (centre and size), plus an optional class; got {self.columns}.")
+        require(self.skip_lines >= 0, f"{where}.skip_lines", "must be 0 or more.")
+        self.class_names = {str(k): v for k, v in self.class_names.items()}   # YAML reads `1: open` as int 1
+        for raw, name in self.class_names.items():
+            require(bool(name) and name != "normal", f"{where}.class_names.{raw}",
+                    f"must be a defect class name (not empty, not 'normal'), got {name!r}.")
+
+
+@dataclass
+class PairedSourceParams(RootSourceParams):
+    """(clean, defective) pairs: A/ + B/ folders, side-by-side AB images, or suffix pairs."""
+
+    # split: A/ + B/ with matching names | AB: side-by-side images (A left) | suffix: both
+    # images in one folder as <id><template_suffix>.<ext> + <id><test_suffix>.<ext>
+    layout: Literal["split", "AB", "suffix"] = "split"
+    template_suffix: str = "_temp"      # suffix layout: the clean (template) image
+    test_suffix: str = "_test"          # suffix layout: the defective (test) image
+    # When a pair has neither masks/<id>.png nor boxes: mask = max |B - A| > this (0..255); 0 = no mask.
     diff_mask_threshold: int = 0
+    boxes: BoxFormatParams = field(default_factory=BoxFormatParams)
 
     def validate(self, where: str) -> None:
         require(0 <= self.diff_mask_threshold <= 255, f"{where}.diff_mask_threshold", "must be in 0..255.")
+        for name in ("template_suffix", "test_suffix"):
+            value = getattr(self, name)
+            require(bool(value) and "/" not in value and "." not in value, f"{where}.{name}",
+                    f"must be a non-empty file name ending without '/' or '.', e.g. '_temp', got {value!r}.")
+        a, b = self.template_suffix, self.test_suffix
+        require(not a.endswith(b) and not b.endswith(a), f"{where}.test_suffix",
+                f"and {where}.template_suffix must not end with one another ({a!r}, {b!r}): a file name "
+                "would match both.")
 
 
 @dataclass
@@ -354,7 +422,7 @@ class PrepareParams:
     folder: FolderSourceParams = field(default_factory=FolderSourceParams)
     mvtec: RootSourceParams = field(default_factory=RootSourceParams)
     cyclegan: RootSourceParams = field(default_factory=RootSourceParams)
-    paired: RootSourceParams = field(default_factory=RootSourceParams)
+    paired: PairedSourceParams = field(default_factory=PairedSourceParams)
     elpv: ElpvSourceParams = field(default_factory=ElpvSourceParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
 

@@ -279,3 +279,139 @@ def test_mode_conversion(tmp_path, channels):
     assert "RGBA converted to RGB (alpha dropped)" in notes
     assert "I;16" in notes and "palette" in notes
     assert ("converted to L" in notes) if channels == 1 else ("L converted to RGB" in notes)
+
+
+# --------------------------------------------------------------------------- paired: suffix layout + boxes
+
+def _box_mask(size, *boxes):
+    """0/255 mask with pixel columns x0..x1-1 and rows y0..y1-1 of each (x0, y0, x1, y1) set."""
+    m = np.zeros((size, size), np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        m[y0:y1, x0:x1] = 255
+    return m
+
+
+def _suffix_pair(folder, pair_id, rng, boxes_text, *, box_dir=None, ext="png"):
+    a = rand_image(rng)
+    b = a.copy()
+    b[8:12, 8:12] = 255 - b[8:12, 8:12]               # B differs from A (the content does not matter here)
+    save(folder / f"{pair_id}_temp.{ext}", a)
+    save(folder / f"{pair_id}_test.{ext}", b)
+    if boxes_text is not None:
+        txt = (box_dir or folder) / f"{pair_id}.txt"
+        txt.parent.mkdir(parents=True, exist_ok=True)
+        txt.write_text(boxes_text)
+
+
+def _paired(root, **paired):
+    return prepare_params(source="paired", resolution=20, split=SPLIT_ALL_TRAIN,
+                          paired={"root": str(root), "layout": "suffix", **paired})
+
+
+def test_paired_suffix_layout_with_box_annotations(tmp_path):
+    rng = np.random.default_rng(11)
+    root = tmp_path / "pcb"
+    _suffix_pair(root / "board1", "0001", rng, "2,3,8,9,open\n")
+    _suffix_pair(root / "board1", "0002", rng, "1,1,5,5,open\n10,10,16,17,short\n")      # 16 vs 42 px
+    # short: two overlapping 6x6 boxes cover 36+36-9 = 63 px (72 if overlaps counted twice); open: 8x8 = 64
+    _suffix_pair(root / "board2", "0003", rng, "0,0,6,6,short\n3,3,9,9,short\n10,0,18,8,open\n")
+    _suffix_pair(root / "board2", "0004", rng, "0,0,4,4,short\n\n# a tie: 16 px each\n10,10,14,14,open\n")
+    stats = run_prepare(_paired(root, boxes={"pattern": "{id}.txt"}), tmp_path / "out")
+    assert stats["classes"] == ["normal", "open", "short"]            # sorted, as found in the files
+    assert not stats["skipped"]
+    pairs = _by_id(read_rows(tmp_path / "out", "paired.parquet"))
+    assert {k: p["label"] for k, p in pairs.items()} == {
+        "board1/0001": "open", "board1/0002": "short", "board2/0003": "open", "board2/0004": "open"}
+    expected = {"board1/0001": _box_mask(20, (2, 3, 8, 9)),
+                "board1/0002": _box_mask(20, (1, 1, 5, 5), (10, 10, 16, 17)),
+                "board2/0003": _box_mask(20, (0, 0, 6, 6), (3, 3, 9, 9), (10, 0, 18, 8)),
+                "board2/0004": _box_mask(20, (0, 0, 4, 4), (10, 10, 14, 14))}
+    for key, p in pairs.items():
+        assert p["has_mask"] and np.array_equal(decode(p["mask_png"]), expected[key]), key
+        assert p["source_path"] == f"{key}_temp.png|{key}_test.png"
+    images = _by_id(read_rows(tmp_path / "out"))
+    assert images["board1/0002/A"]["label"] == "normal" and images["board1/0002/B"]["label"] == "short"
+    assert images["board1/0002/B"]["source_path"] == "board1/0002_test.png"
+    assert any("3 pair(s) have boxes of several classes" in n for n in stats["notes"])   # 0002, 0003, 0004
+
+
+def test_paired_boxes_yolo_style_format(tmp_path):
+    rng = np.random.default_rng(12)
+    root = tmp_path / "yolo"
+    header = "class cx cy w h\n"
+    # 20 px image: cx 0.5, cy 0.5, w 0.5, h 0.25 -> x 5..15, y 7.5..12.5 -> rows 7..12, columns 5..14
+    _suffix_pair(root / "images", "a", rng, header + "1 0.5 0.5 0.5 0.25\n", box_dir=root / "labels")
+    # a tie (0.2 x 0.2 each): goes to the class listed first in class_names, "short"
+    _suffix_pair(root / "images", "b", rng, header + "1 0.1 0.1 0.2 0.2\n0   0.8 0.8 0.2 0.2\n",
+                 box_dir=root / "labels")
+    params = _paired(root, template_suffix="_temp", test_suffix="_test",
+                     boxes={"pattern": "../labels/{id}.txt", "delimiter": None, "skip_lines": 1,
+                            "columns": ["class", "cx", "cy", "w", "h"], "units": "fraction",
+                            "class_names": {0: "short", 1: "open"}})
+    stats = run_prepare(params, tmp_path / "out")
+    assert stats["classes"] == ["normal", "short", "open"]              # class_names order
+    pairs = _by_id(read_rows(tmp_path / "out", "paired.parquet"))
+    assert pairs["images/a"]["label"] == "open" and pairs["images/b"]["label"] == "short"
+    assert np.array_equal(decode(pairs["images/a"]["mask_png"]), _box_mask(20, (5, 7, 15, 13)))
+    assert np.array_equal(decode(pairs["images/b"]["mask_png"]), _box_mask(20, (0, 0, 4, 4), (14, 14, 18, 18)))
+
+
+def test_paired_suffix_and_box_troubles_are_skipped_with_reasons(tmp_path):
+    rng = np.random.default_rng(13)
+    root = tmp_path / "pcb"
+    for i in range(3):
+        _suffix_pair(root, f"ok{i}", rng, "1,1,6,6,open\n")
+    save(root / "lonely_test.png", rand_image(rng))                         # no lonely_temp.*
+    _suffix_pair(root, "twice", rng, "1,1,6,6,open\n")
+    save(root / "twice_test.jpg", rand_image(rng))                          # a second test image
+    save(root / "golden.png", rand_image(rng))                              # neither suffix
+    _suffix_pair(root, "nobox", rng, None)
+    _suffix_pair(root, "badline", rng, "1,1,6,6,open\n1,1,6,open\n")
+    _suffix_pair(root, "notnum", rng, "1,1,six,6,open\n")
+    _suffix_pair(root, "flat", rng, "4,1,4,6,open\n")
+    _suffix_pair(root, "outside", rng, "30,30,40,40,open\n")
+    _suffix_pair(root, "empty", rng, "# nothing found\n")
+    _suffix_pair(root, "alien", rng, "1,1,6,6,7\n")
+    params = _paired(root, boxes={"pattern": "{id}.txt", "class_names": {"open": "open"}})
+    stats = run_prepare(params, tmp_path / "out")
+    reasons = {s["path"]: s["reason"] for s in stats["skipped"]}
+    assert set(reasons) == {str(root / n) for n in ("lonely_test.png", "twice_test.png", "nobox_test.png",
+                                                     "badline.txt", "notnum.txt", "flat.txt", "outside.txt",
+                                                     "empty.txt", "alien.txt")}
+    assert "without its pair" in reasons[str(root / "lonely_test.png")] and "lonely_temp.*" in reasons[str(root / "lonely_test.png")]
+    assert "second test image" in reasons[str(root / "twice_test.png")]      # .jpg sorts first and is kept
+    assert "no box annotation file" in reasons[str(root / "nobox_test.png")]
+    assert "line 2" in reasons[str(root / "badline.txt")] and "4 field(s)" in reasons[str(root / "badline.txt")]
+    assert "'six', not a number" in reasons[str(root / "notnum.txt")]
+    assert "no area" in reasons[str(root / "flat.txt")]
+    assert "outside its 20x20 image" in reasons[str(root / "outside.txt")]
+    assert "lists no boxes" in reasons[str(root / "empty.txt")]
+    assert "class '7' is not in prepare.paired.boxes.class_names" in reasons[str(root / "alien.txt")]
+    assert any("golden.png" in n and "neither '_temp' nor '_test'" in n for n in stats["notes"])
+    pairs = read_rows(tmp_path / "out", "paired.parquet")
+    assert sorted(p["id"] for p in pairs) == ["ok0", "ok1", "ok2", "twice"]
+    # strict: the first bad file stops the run, named
+    from pipeline.errors import DataError
+    strict = prepare_params(source="paired", resolution=20, split=SPLIT_ALL_TRAIN, strict=True,
+                            paired={"root": str(root), "layout": "suffix", "boxes": {"pattern": "{id}.txt"}})
+    with pytest.raises(DataError, match="lonely_test.png"):
+        run_prepare(strict, tmp_path / "out2")
+
+
+@pytest.mark.parametrize("paired, needle", [
+    ({"boxes": {"columns": ["x1", "y1", "x2", "class"]}}, "must give one box geometry"),
+    ({"boxes": {"columns": ["x1", "y1", "x2", "y2", "x1"]}}, "names a column twice"),
+    ({"boxes": {"columns": ["left", "y1", "x2", "y2"]}}, "unknown column name(s) ['left']"),
+    ({"boxes": {"pattern": "labels.txt"}}, "must contain {id} or {stem}"),
+    ({"boxes": {"pattern": "{name}.txt"}}, "unknown placeholder(s) ['name']"),
+    ({"boxes": {"class_names": {"1": "normal"}}}, "prepare.paired.boxes.class_names.1"),
+    ({"test_suffix": "_a", "template_suffix": "_b_a"}, "must not end with one another"),
+    ({"test_suffix": ""}, "prepare.paired.test_suffix"),
+    ({"layout": "suffixes"}, "Did you mean 'suffix'"),
+])
+def test_paired_params_are_validated(paired, needle):
+    from pipeline.errors import ParamsError
+
+    with pytest.raises(ParamsError) as err:
+        prepare_params(source="paired", paired={"root": "/x", **paired})
+    assert needle in str(err.value)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import io
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import DataError
 
@@ -32,12 +32,60 @@ class BadInput(DataError):
                          "(or set prepare.strict: false to skip bad files and list them in stats.json).")
 
 
+class Notes(Counter):
+    """Counts of conversions ("RGBA converted to RGB") plus, for remarks about particular files,
+    a few of their paths (`examples`), so stats.json says which files to look at."""
+
+    max_examples = 5
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.examples: dict[str, list[str]] = {}
+
+
+def remark(notes: Optional[Counter], what: str, path: Path | str) -> None:
+    """Count `what` once for the file `path` (and keep the path as an example when `notes` can)."""
+    if notes is None:
+        return
+    notes[what] += 1
+    examples = getattr(notes, "examples", None)
+    if examples is not None:
+        shown = examples.setdefault(what, [])
+        if len(shown) < Notes.max_examples:
+            shown.append(str(path))
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _displayed(img: Image.Image, path: Path, notes: Optional[Counter]) -> Image.Image:
+    """`img` turned the way viewers and annotation tools show it (EXIF orientation applied).
+
+    Camera and phone JPEGs are often stored sideways with an orientation tag; a mask drawn on
+    the displayed image matches the turned image, not the stored pixels.
+    """
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:                  # malformed EXIF block: pixels are still usable as stored
+        remark(notes, "EXIF data unreadable: used as stored (orientation unknown)", path)
+        return img
+    if orientation not in range(2, 9):
+        return img
+    turned = ImageOps.exif_transpose(img)
+    remark(notes, "EXIF orientation applied (turned as viewers show it; masks must match the turned image)",
+           path)
+    return turned
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open and fully decode `path` (so truncated files fail here, not later)."""
+def open_image(path: Path, notes: Optional[Counter] = None) -> Image.Image:
+    """Open and fully decode `path` (so truncated files fail here, not later), EXIF orientation
+    applied. A multi-frame file (animated GIF/PNG, multi-page TIFF) gives its first frame, with
+    a remark in `notes`: the first page is the full image in TIFF pyramids and thumbnails, and a
+    user who wants another frame must export it."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -57,7 +105,11 @@ def open_image(path: Path) -> Image.Image:
         raise BadInput(path, f"is corrupt or truncated ({type(err).__name__}: {err})") from None
     if img.width <= 0 or img.height <= 0:
         raise BadInput(path, f"has an empty size {img.width}x{img.height}")
-    return img
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        remark(notes, "multi-frame file (animated GIF/PNG or multi-page TIFF): only its first frame used",
+               f"{path} ({frames} frames)")
+    return _displayed(img, path, notes)
 
 
 def _sixteen_to_eight(img: Image.Image) -> Image.Image:
@@ -123,8 +175,8 @@ def to_channels(img: Image.Image, channels: int, notes: Optional[Counter] = None
     return img
 
 
-def mask_to_binary(img: Image.Image, threshold: int) -> Image.Image:
-    """A mask image of any mode -> "L" image with values 0/255 (pixel > threshold is defect)."""
+def mask_strength(img: Image.Image) -> np.ndarray:
+    """HxW uint8 "how much defect" of a mask image of any mode (colour masks: brightest channel)."""
     mode = img.mode
     if mode in _SIXTEEN_BIT or mode == "I":
         img = _sixteen_to_eight(img)
@@ -138,7 +190,7 @@ def mask_to_binary(img: Image.Image, threshold: int) -> Image.Image:
         a = np.asarray(img.convert("L"))
     else:  # colour masks (any non-black colour counts), palette masks via their colours
         a = np.asarray(img.convert("RGB")).max(axis=2)
-    return Image.fromarray(np.where(a > threshold, 255, 0).astype(np.uint8))
+    return a
 
 
 def fit_box(width: int, height: int, mode: str) -> tuple[int, int, int, int]:
@@ -167,8 +219,8 @@ def image_array(img: Image.Image) -> np.ndarray:
 
 def load_image(path: Path, channels: int, resolution: int, resize: str,
                notes: Optional[Counter] = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """(HxWxC uint8 array at the target size and mode, original (width, height))."""
-    img = open_image(path)
+    """(HxWxC uint8 array at the target size and mode, (width, height) as displayed)."""
+    img = open_image(path, notes)
     size = img.size
     img = to_channels(img, channels, notes)
     if notes is not None and min(size) < resolution:
@@ -176,15 +228,28 @@ def load_image(path: Path, channels: int, resolution: int, resize: str,
     return image_array(fit(img, resolution, resize)), size
 
 
+class LoadedMask(NamedTuple):
+    mask: np.ndarray          # HxW uint8 0/1 at the target resolution
+    source_pixels: int        # defect pixels (> threshold) at the mask file's own size
+    max_value: int            # largest mask value (0: the file is all zero)
+
+
 def load_mask(path: Path, threshold: int, resolution: int, resize: str,
-              expect_size: tuple[int, int], image_path: Path | str) -> np.ndarray:
-    """HxW uint8 0/1 mask aligned with an image of original size `expect_size`."""
-    img = open_image(path)
+              expect_size: tuple[int, int], image_path: Path | str,
+              notes: Optional[Counter] = None) -> LoadedMask:
+    """The mask of an image of displayed size `expect_size`, aligned with it; the counts let a
+    caller tell an all-zero file, a 0/1 label mask under the threshold and a defect too small to
+    survive the resize apart."""
+    img = open_image(path, notes)
     if img.size != tuple(expect_size):
         raise BadInput(path, f"mask is {img.width}x{img.height} but its image {image_path} is "
-                             f"{expect_size[0]}x{expect_size[1]}", "re-export the mask at the image's size")
-    binary = fit(mask_to_binary(img, threshold), resolution, resize, is_mask=True)
-    return (np.asarray(binary) > 127).astype(np.uint8)
+                             f"{expect_size[0]}x{expect_size[1]} (both as displayed, EXIF orientation applied)",
+                       "re-export the mask at the image's size, drawn on the image as viewers show it")
+    strength = mask_strength(img)
+    binary = strength > threshold
+    fitted = fit(Image.fromarray(binary.astype(np.uint8) * 255), resolution, resize, is_mask=True)
+    return LoadedMask((np.asarray(fitted) > 127).astype(np.uint8), int(np.count_nonzero(binary)),
+                      int(strength.max()) if strength.size else 0)
 
 
 def to_uint8_hwc(a: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ resizes its files and raises `BadInput` for a bad file; `prepare` stops or skips
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +34,27 @@ class Ctx:
     channels: int
     resize: str
     mask_threshold: int
-    notes: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=im.Notes)
+
+    def checked_mask(self, loaded: im.LoadedMask, mask_path: Path) -> tuple[np.ndarray, bool]:
+        """(mask, has_mask): a mask that marks no defect pixel is no mask at all.
+
+        A defect image whose mask is empty would otherwise be written as "known: no defective
+        pixels"; it is written with has_mask false (mask unknown) and the file is named in the
+        notes, with why it is empty.
+        """
+        if loaded.mask.any():
+            return loaded.mask, True
+        if loaded.source_pixels:
+            why = (f"mask's defect is too small to survive the resize to {self.resolution} px "
+                   "(has_mask false; raise prepare.resolution to keep it)")
+        elif loaded.max_value:
+            why = (f"mask has no value above prepare.mask_threshold ({self.mask_threshold}) "
+                   "(has_mask false; a 0/1 label mask needs prepare.mask_threshold: 0)")
+        else:
+            why = "mask file is all zero, it marks no defect (has_mask false)"
+        im.remark(self.notes, why, mask_path)
+        return loaded.mask, False
 
 
 @dataclass
@@ -83,8 +104,9 @@ class FileImage(ImageItem):
             return LoadedImage(image, zero, True)
         if self.mask_path is None:
             return LoadedImage(image, zero, False)
-        mask = im.load_mask(self.mask_path, ctx.mask_threshold, ctx.resolution, ctx.resize, size, self.path)
-        return LoadedImage(image, mask, True)
+        loaded = im.load_mask(self.mask_path, ctx.mask_threshold, ctx.resolution, ctx.resize, size, self.path,
+                              ctx.notes)
+        return LoadedImage(image, *ctx.checked_mask(loaded, self.mask_path))
 
 
 @dataclass
@@ -112,44 +134,63 @@ class PairItem:
         raise NotImplementedError
 
 
-def _pair_mask(a: np.ndarray, b: np.ndarray, mask_path: Optional[Path], size, image_path, ctx: Ctx,
-               diff_threshold: int) -> tuple[np.ndarray, bool]:
-    if mask_path is not None:
-        return im.load_mask(mask_path, ctx.mask_threshold, ctx.resolution, ctx.resize, size, image_path), True
-    if diff_threshold > 0:
-        diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2)
-        return (diff > diff_threshold).astype(np.uint8), True
-    return np.zeros(a.shape[:2], np.uint8), False
+@dataclass
+class PairMaskSource:
+    """Where a file pair's mask comes from, first that applies: a mask file, box annotations,
+    the A/B difference (`diff_threshold` > 0); else the mask is unknown."""
+
+    mask_path: Optional[Path] = None
+    boxes: Optional["BoxFile"] = None
+    diff_threshold: int = 0
+
+
+def _load_file_pair(a_img, b_img, b_path: Path, src: PairMaskSource, ctx: Ctx) -> LoadedPair:
+    """Convert and resize A and B (same displayed size) and build the pair's mask."""
+    size = a_img.size
+    a = im.image_array(im.fit(im.to_channels(a_img, ctx.channels, ctx.notes), ctx.resolution, ctx.resize))
+    b = im.image_array(im.fit(im.to_channels(b_img, ctx.channels, ctx.notes), ctx.resolution, ctx.resize))
+    if np.array_equal(a, b):
+        raise BadInput(b_path, "is identical to its A (clean) image after conversion: the pair shows no defect",
+                       "pair it with its real defective image, or remove the pair")
+    if src.mask_path is not None:
+        loaded = im.load_mask(src.mask_path, ctx.mask_threshold, ctx.resolution, ctx.resize, size, b_path,
+                              ctx.notes)
+        mask, has = ctx.checked_mask(loaded, src.mask_path)
+    elif src.boxes is not None:
+        mask, has = src.boxes.mask(size, ctx), True
+    elif src.diff_threshold > 0:
+        mask = (np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2) > src.diff_threshold).astype(np.uint8)
+        has = bool(mask.any())
+        if not has:
+            im.remark(ctx.notes, "A and B differ nowhere by more than prepare.paired.diff_mask_threshold "
+                                 "(has_mask false)", b_path)
+    else:
+        mask, has = np.zeros(a.shape[:2], np.uint8), False
+    return LoadedPair(a, b, mask, has)
 
 
 @dataclass
 class FilePair(PairItem):
     a_path: Path = Path()
     b_path: Path = Path()
-    mask_path: Optional[Path] = None
-    diff_threshold: int = 0
+    masks: PairMaskSource = field(default_factory=PairMaskSource)
 
     def load(self, ctx: Ctx) -> LoadedPair:
-        a_img = im.open_image(self.a_path)
-        b_img = im.open_image(self.b_path)
+        a_img = im.open_image(self.a_path, ctx.notes)
+        b_img = im.open_image(self.b_path, ctx.notes)
         if a_img.size != b_img.size:
             raise BadInput(self.b_path, f"is {b_img.width}x{b_img.height} but its A image {self.a_path} is "
                                         f"{a_img.width}x{a_img.height}", "re-export A and B at the same size")
-        size = a_img.size
-        a = im.image_array(im.fit(im.to_channels(a_img, ctx.channels, ctx.notes), ctx.resolution, ctx.resize))
-        b = im.image_array(im.fit(im.to_channels(b_img, ctx.channels, ctx.notes), ctx.resolution, ctx.resize))
-        mask, has = _pair_mask(a, b, self.mask_path, size, self.b_path, ctx, self.diff_threshold)
-        return LoadedPair(a, b, mask, has)
+        return _load_file_pair(a_img, b_img, self.b_path, self.masks, ctx)
 
 
 @dataclass
 class ABPair(PairItem):
     path: Path = Path()
-    mask_path: Optional[Path] = None
-    diff_threshold: int = 0
+    masks: PairMaskSource = field(default_factory=PairMaskSource)
 
     def load(self, ctx: Ctx) -> LoadedPair:
-        img = im.open_image(self.path)
+        img = im.open_image(self.path, ctx.notes)
         if img.width % 2 or img.width < 2:
             raise BadInput(self.path, f"is {img.width} px wide; a side-by-side AB image needs an even width "
                                       "(A = left half, B = right half)",
@@ -157,11 +198,7 @@ class ABPair(PairItem):
         half = img.width // 2
         a_img = img.crop((0, 0, half, img.height))
         b_img = img.crop((half, 0, img.width, img.height))
-        size = a_img.size
-        a = im.image_array(im.fit(im.to_channels(a_img, ctx.channels, ctx.notes), ctx.resolution, ctx.resize))
-        b = im.image_array(im.fit(im.to_channels(b_img, ctx.channels, ctx.notes), ctx.resolution, ctx.resize))
-        mask, has = _pair_mask(a, b, self.mask_path, size, self.path, ctx, self.diff_threshold)
-        return LoadedPair(a, b, mask, has)
+        return _load_file_pair(a_img, b_img, self.path, self.masks, ctx)
 
 
 @dataclass
@@ -269,6 +306,56 @@ def _normpath(p: Path) -> str:
     return os.path.normpath(str(p))
 
 
+def _mask_name_regex(pattern: str) -> re.Pattern:
+    """A regex for the file names `pattern` gives masks (its last path component), capturing
+    stem / name / ext."""
+    import string
+
+    last = pattern.replace("\\", "/").rsplit("/", 1)[-1]
+    parts, seen = [], set()
+    for text, name, _, _ in string.Formatter().parse(last):
+        parts.append(re.escape(text))
+        if name is None:
+            continue
+        if name in seen:
+            parts.append(f"(?P={name})")
+        elif name in ("stem", "name", "ext"):
+            seen.add(name)
+            parts.append(f"(?P<{name}>{'[^.]+' if name == 'ext' else '.+'})")
+        else:
+            parts.append("[^/]+")
+    return re.compile("".join(parts) + r"\Z")
+
+
+def _orphan_masks(files: list[Path], owned: set[Path], pattern: Optional[str], root: Path,
+                  class_dir: Path) -> dict[Path, Path]:
+    """{file: the image it would be the mask of} for files named like a mask (by `pattern`) whose
+    image does not exist. Without this they would be imported as defect images.
+
+    A file is named like a mask when some image name in one of the class's folders would have
+    it as its mask. A pattern that maps a name onto itself (``{stem}.png`` and a PNG image)
+    cannot tell a lone mask from an image: such files stay images.
+    """
+    if not pattern:
+        return {}
+    regex = _mask_name_regex(pattern)
+    folders = sorted({f.parent for f in files} | {class_dir})
+    orphans = {}
+    for f in files:
+        norm = Path(_normpath(f))
+        if norm in owned or not (m := regex.match(f.name)):
+            continue
+        groups = m.groupdict()
+        stem = groups.get("stem") or Path(groups.get("name") or "").stem
+        name = groups.get("name") or f"{stem}.{groups.get('ext') or 'png'}"
+        for folder in folders:
+            image = folder / name
+            if _normpath(image) != str(norm) and _mask_for(image, pattern, root, class_dir) == norm:
+                orphans[f] = folder / stem
+                break
+    return orphans
+
+
 def collect_folder(p) -> Collected:
     fp = p.folder
     root = _root(fp.root, "prepare.folder.root", "a folder with one sub-folder per class (e.g. normal/, scratch/)")
@@ -281,6 +368,7 @@ def collect_folder(p) -> Collected:
     regex = re.compile(fp.class_regex) if fp.class_regex else None
     source_re = re.compile(fp.source_regex) if fp.source_regex else None
     has_normal = False
+    normal_with_mask: list[str] = []
     for d in dirs:
         name = d.name
         if name in fp.normal_names:
@@ -301,7 +389,14 @@ def collect_folder(p) -> Collected:
         files, other = _images_in(d)
         _note_other(col.notes, other, root)
         masks = {m for f in files if (m := _mask_for(f, fp.mask_pattern, root, d)) is not None and m != Path(_normpath(f))}
-        imgs = [f for f in files if Path(_normpath(f)) not in masks]
+        orphans = _orphan_masks(files, masks, fp.mask_pattern, root, d)
+        for f, image in orphans.items():
+            col.problems.append(BadInput(f, f"is named like a mask (prepare.folder.mask_pattern "
+                                            f"{fp.mask_pattern!r}) but its image {image}.* does not exist; "
+                                            "it is not imported as an image",
+                                         "add its image, delete the stray mask, or change "
+                                         "prepare.folder.mask_pattern"))
+        imgs = [f for f in files if Path(_normpath(f)) not in masks and f not in orphans]
         _require_images(d, imgs, f"class '{cls}'")
         if cls == NORMAL:
             has_normal = True
@@ -314,6 +409,8 @@ def collect_folder(p) -> Collected:
                 sid = m.group(1)
             mask = _mask_for(f, fp.mask_pattern, root, d)
             mask = mask if mask is not None and mask != Path(_normpath(f)) and mask.is_file() else None
+            if cls == NORMAL and mask is not None:
+                normal_with_mask.append(rel)
             col.images.append(FileImage(
                 id=rel, label=cls, source_id=sid, source_path=rel, path=f, mask_path=mask,
                 mask_mode="empty" if cls == NORMAL else "file", masks_required=fp.masks_required,
@@ -325,6 +422,10 @@ def collect_folder(p) -> Collected:
     if not has_normal:
         col.notes.append(f"no normal folder (prepare.folder.normal_names: {fp.normal_names}) found: "
                          "the unpaired normal pool is empty")
+    if normal_with_mask:
+        col.notes.append(f"{len(normal_with_mask)} normal image(s) have a mask file, ignored (normal images are "
+                         f"written with an empty mask): {', '.join(normal_with_mask[:5])}"
+                         f"{' ...' if len(normal_with_mask) > 5 else ''}")
     return col
 
 
@@ -397,13 +498,251 @@ def collect_cyclegan(p) -> Collected:
     return col
 
 
+# --------------------------------------------------------------------------- box annotations
+
+@dataclass
+class Box:
+    """One annotated box, corners in the file's units (pixels, or fractions of width/height)."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    label: str
+    line: int
+
+
+@dataclass
+class BoxFile:
+    path: Path
+    boxes: list[Box]
+    units: str                         # "pixel" | "fraction"
+
+    def mask(self, size: tuple[int, int], ctx: Ctx) -> np.ndarray:
+        """0/1 mask at the target resolution marking every pixel any box overlaps (all classes).
+
+        Coordinates are continuous (pixel i spans [i, i+1)), so `5,5,12,12` marks pixels 5..11.
+        """
+        from PIL import Image
+
+        width, height = size
+        sx, sy = (width, height) if self.units == "fraction" else (1, 1)
+        eps = 1e-6                      # 0.35 * 20 is 7.000000000000001, not a reason to mark pixel 7
+        full = np.zeros((height, width), np.uint8)
+        clipped = False
+        for b in self.boxes:
+            c0, c1 = math.floor(b.x0 * sx + eps), math.ceil(b.x1 * sx - eps)
+            r0, r1 = math.floor(b.y0 * sy + eps), math.ceil(b.y1 * sy - eps)
+            clipped |= c0 < 0 or r0 < 0 or c1 > width or r1 > height
+            c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, width), min(r1, height)
+            if c0 >= c1 or r0 >= r1:
+                raise BadInput(self.path, f"line {b.line}: the box lies outside its {width}x{height} image",
+                               "fix the box, or prepare.paired.boxes.units / columns if the file uses another format")
+            full[r0:r1, c0:c1] = 255
+        if clipped:
+            im.remark(ctx.notes, "box annotations reaching past the image edge clipped to it", self.path)
+        fitted = im.fit(Image.fromarray(full), ctx.resolution, ctx.resize, is_mask=True)
+        return (np.asarray(fitted) > 127).astype(np.uint8)
+
+    def image_class(self, order: list[str]) -> str:
+        """The pair's class: the class whose boxes cover the largest area (union of that class's
+        boxes as written); a tie goes to the class that comes first in `order`."""
+        area = {c: _union_area([b for b in self.boxes if b.label == c]) for c in {b.label for b in self.boxes}}
+        largest = max(area.values())
+        # A tie within rounding: 0.9 - 0.7 is 0.19999999999999996 in fractions, 0.2 elsewhere.
+        tied = [c for c, a in area.items() if a >= largest * (1 - 1e-9)]
+        return min(tied, key=order.index)
+
+
+def _union_area(boxes: list[Box]) -> float:
+    """Exact area covered by axis-aligned boxes (coordinate compression; files hold a few boxes)."""
+    xs = sorted({v for b in boxes for v in (b.x0, b.x1)})
+    ys = sorted({v for b in boxes for v in (b.y0, b.y1)})
+    covered = np.zeros((len(ys) - 1, len(xs) - 1), bool)
+    for b in boxes:
+        covered[ys.index(b.y0):ys.index(b.y1), xs.index(b.x0):xs.index(b.x1)] = True
+    cell = np.diff(ys)[:, None] * np.diff(xs)[None, :]
+    return float(cell[covered].sum())
+
+
+def _corners(v: dict[str, float]) -> tuple[float, float, float, float]:
+    if "x1" in v:
+        return v["x1"], v["y1"], v["x2"], v["y2"]
+    if "cx" in v:
+        return v["cx"] - v["w"] / 2, v["cy"] - v["h"] / 2, v["cx"] + v["w"] / 2, v["cy"] + v["h"] / 2
+    return v["x"], v["y"], v["x"] + v["w"], v["y"] + v["h"]
+
+
+def parse_box_file(path: Path, fmt) -> BoxFile:
+    """Read one annotation text file in the format of `prepare.paired.boxes` (`fmt`).
+
+    One box per line; blank lines, lines starting with '#' and the first `skip_lines` lines are
+    skipped. A malformed line is a `BadInput` naming the file and line.
+    """
+    key = "prepare.paired.boxes"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadInput(path, "is not a UTF-8 text file", f"save it as text, or fix {key}.pattern") from None
+    except OSError as err:
+        raise BadInput(path, f"cannot be read ({err.strerror})", "check the path and its permissions") from None
+    columns = list(fmt.columns)
+    boxes = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if n <= fmt.skip_lines or not line or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in (line.split(fmt.delimiter) if fmt.delimiter else line.split())]
+        if len(fields) != len(columns):
+            raise BadInput(path, f"line {n} ({line!r}) has {len(fields)} field(s) but {key}.columns has "
+                                 f"{len(columns)} ({', '.join(columns)})",
+                           f"fix the line, or set {key}.columns / delimiter to the file's format")
+        values = dict(zip(columns, fields))
+        numbers = {}
+        for name in columns:
+            if name in ("class", "_"):
+                continue
+            try:
+                numbers[name] = float(values[name])
+            except ValueError:
+                raise BadInput(path, f"line {n}: {name} is {values[name]!r}, not a number",
+                               f"fix the line, or set {key}.columns to the file's column order") from None
+            if not math.isfinite(numbers[name]):
+                raise BadInput(path, f"line {n}: {name} is {values[name]!r}", "fix the line")
+        if fmt.units == "fraction" and max(abs(v) for v in numbers.values()) > 1.01:
+            raise BadInput(path, f"line {n}: values above 1 ({line!r}) but {key}.units is fraction",
+                           f"set {key}.units: pixel if the file holds pixel coordinates")
+        x0, y0, x1, y1 = _corners(numbers)
+        if not (x1 > x0 and y1 > y0):
+            raise BadInput(path, f"line {n} ({line!r}): the box has no area (x {x0:g}..{x1:g}, y {y0:g}..{y1:g})",
+                           f"fix the line, or {key}.columns if the file uses another geometry")
+        raw_class = values.get("class", DEFECT)
+        if fmt.class_names:
+            if raw_class not in fmt.class_names:
+                raise BadInput(path, f"line {n}: class {raw_class!r} is not in {key}.class_names "
+                                     f"({', '.join(map(repr, fmt.class_names))})",
+                               f"add it to {key}.class_names or fix the line")
+            label = fmt.class_names[raw_class]
+        else:
+            label = raw_class
+        if label == NORMAL:
+            raise BadInput(path, f"line {n}: a box of class '{NORMAL}' (boxes mark defects)",
+                           f"rename the class, or map it in {key}.class_names")
+        boxes.append(Box(x0, y0, x1, y1, label, n))
+    return BoxFile(path, boxes, fmt.units)
+
+
 # --------------------------------------------------------------------------- paired
+
+@dataclass
+class _Found:
+    """One pair found by a layout: ids and paths, before masks and classes are attached."""
+
+    key: str                          # pair id, path relative to the root without suffix
+    name: str                         # the pair's file id ({id} in boxes.pattern)
+    b_path: Path
+    a_path: Optional[Path]            # None: side-by-side AB file (b_path)
+    source_path: str
+    a_source_path: str
+    b_source_path: str
+
+
+def _find_split(root: Path, col: Collected, other: list[Path]) -> list[_Found]:
+    a_dir, b_dir = root / "A", root / "B"
+    for d in (a_dir, b_dir):
+        if not d.is_dir():
+            raise DataError(f"prepare.paired.root: {root} has no {d.name}/ folder. The 'split' layout is "
+                            "A/ (clean) and B/ (defective) with matching file names; for side-by-side "
+                            "images set prepare.paired.layout: AB, for <id>_temp / <id>_test files in one "
+                            "folder set it to suffix.")
+    a_files, other_a = _images_in(a_dir)
+    b_files, other_b = _images_in(b_dir)
+    other += other_a + other_b
+    _require_images(a_dir, a_files, "paired A")
+    _require_images(b_dir, b_files, "paired B")
+    b_by_stem: dict[str, Path] = {}
+    for f in b_files:
+        b_by_stem.setdefault(Path(_rel(f, b_dir)).with_suffix("").as_posix(), f)
+    found, used = [], set()
+    for a in a_files:
+        rel_a = _rel(a, a_dir)
+        key = Path(rel_a).with_suffix("").as_posix()
+        b = b_dir / rel_a if (b_dir / rel_a).is_file() else b_by_stem.get(key)
+        if b is None:
+            col.problems.append(BadInput(a, f"has no matching B image (looked for B/{key}.*)",
+                                         "add the B image or remove the A image"))
+            continue
+        used.add(b)
+        rel_b = _rel(b, b_dir)
+        found.append(_Found(key, a.stem, b, a, f"A/{rel_a}|B/{rel_b}", f"A/{rel_a}", f"B/{rel_b}"))
+    for b in b_files:
+        if b not in used:
+            col.problems.append(BadInput(b, "has no matching A image", "add the A image or remove the B image"))
+    return found
+
+
+def _find_ab(root: Path) -> list[_Found]:
+    files = [f for f in _images_in(root)[0] if _rel(f, root).split("/")[0] != "masks"]
+    _require_images(root, files, "paired AB")
+    found = []
+    for f in files:
+        rel = _rel(f, root)
+        found.append(_Found(Path(rel).with_suffix("").as_posix(), f.stem, f, None, rel, rel + "#A", rel + "#B"))
+    return found
+
+
+def _find_suffix(root: Path, pp, col: Collected) -> list[_Found]:
+    """`<id><template_suffix>.<ext>` + `<id><test_suffix>.<ext>` in the same folder (any depth)."""
+    files = [f for f in _images_in(root)[0] if _rel(f, root).split("/")[0] != "masks"]
+    _require_images(root, files, "paired (suffix layout)")
+    roles = (("B", pp.test_suffix, "test"), ("A", pp.template_suffix, "template"))
+    groups: dict[str, dict[str, list[Path]]] = {}
+    unmatched = []
+    for f in files:
+        for role, suffix, _ in roles:
+            if f.stem.endswith(suffix) and len(f.stem) > len(suffix):
+                key = (Path(_rel(f.parent, root)) / f.stem[: -len(suffix)]).as_posix()
+                groups.setdefault(key, {}).setdefault(role, []).append(f)
+                break
+        else:
+            unmatched.append(f)
+    if unmatched:
+        shown = ", ".join(_rel(f, root) for f in unmatched[:5])
+        col.notes.append(f"{len(unmatched)} image file(s) ignored: their names end in neither "
+                         f"{pp.template_suffix!r} nor {pp.test_suffix!r} (prepare.paired.template_suffix / "
+                         f"test_suffix): {shown}{' ...' if len(unmatched) > 5 else ''}")
+    found = []
+    for key in sorted(groups):
+        g = groups[key]
+        for role, suffix, what in roles:
+            for extra in g.get(role, [])[1:]:
+                col.problems.append(BadInput(extra, f"is a second {what} image of pair '{key}' (the first is "
+                                                    f"{g[role][0]})", "keep one of them"))
+        if "A" not in g or "B" not in g:
+            have_role, have_what = ("B", "test") if "B" in g else ("A", "template")
+            miss_suffix = pp.template_suffix if have_role == "B" else pp.test_suffix
+            col.problems.append(BadInput(g[have_role][0], f"is a {have_what} image without its pair (looked for "
+                                                          f"{key}{miss_suffix}.* in the same folder)",
+                                         "add the missing image or remove this one"))
+            continue
+        a, b = g["A"][0], g["B"][0]
+        rel_a, rel_b = _rel(a, root), _rel(b, root)
+        found.append(_Found(key, Path(key).name, b, a, f"{rel_a}|{rel_b}", rel_a, rel_b))
+    return found
+
+
+def _box_path(found: _Found, pattern: str, root: Path) -> Path:
+    text = pattern.format(id=found.name, stem=found.b_path.stem, folder=found.b_path.parent.name, root=str(root))
+    cand = Path(text)
+    return Path(_normpath(cand if cand.is_absolute() else found.b_path.parent / cand))
+
 
 def collect_paired(p) -> Collected:
     pp = p.paired
     root = _root(pp.root, "prepare.paired.root",
-                 "a folder with A/ (clean) and B/ (defective) images of the same names, or AB images")
-    col = Collected(classes=[DEFECT], root=str(root))
+                 "a folder with A/ (clean) and B/ (defective) images of the same names, AB images, or "
+                 "<id>_temp / <id>_test images")
+    col = Collected(classes=[], root=str(root))
     masks_dir = root / "masks"
 
     def mask_for(stem_rel: str) -> Optional[Path]:
@@ -413,55 +752,68 @@ def collect_paired(p) -> Collected:
                 return cand
         return None
 
+    other: list[Path] = []
     if pp.layout == "split":
-        a_dir, b_dir = root / "A", root / "B"
-        for d in (a_dir, b_dir):
-            if not d.is_dir():
-                raise DataError(f"prepare.paired.root: {root} has no {d.name}/ folder. The 'split' layout is "
-                                "A/ (clean) and B/ (defective) with matching file names; for side-by-side "
-                                "images set prepare.paired.layout: AB.")
-        a_files, other = _images_in(a_dir)
-        b_files, other_b = _images_in(b_dir)
-        _note_other(col.notes, other + other_b, root)
-        _require_images(a_dir, a_files, "paired A")
-        _require_images(b_dir, b_files, "paired B")
-        b_by_stem = {}
-        for f in b_files:
-            b_by_stem.setdefault(Path(_rel(f, b_dir)).with_suffix("").as_posix(), f)
-        used = set()
-        for a in a_files:
-            rel_a = _rel(a, a_dir)
-            key = Path(rel_a).with_suffix("").as_posix()
-            b = b_dir / rel_a if (b_dir / rel_a).is_file() else b_by_stem.get(key)
-            if b is None:
-                col.problems.append(BadInput(a, f"has no matching B image (looked for B/{key}.*)",
-                                             "add the B image or remove the A image"))
-                continue
-            used.add(b)
-            col.pairs.append(FilePair(id=key, label=DEFECT, source_id=key, source_path=f"A/{rel_a}|B/{_rel(b, b_dir)}",
-                                      add_to_images=True, a_source_path=f"A/{rel_a}",
-                                      b_source_path=f"B/{_rel(b, b_dir)}", a_path=a, b_path=b,
-                                      mask_path=mask_for(key), diff_threshold=pp.diff_mask_threshold))
-        for b in b_files:
-            if b not in used:
-                col.problems.append(BadInput(b, "has no matching A image", "add the A image or remove the B image"))
+        found = _find_split(root, col, other)
+    elif pp.layout == "AB":
+        found = _find_ab(root)
     else:
-        files, other = [], []
-        for f in _images_in(root)[0]:
-            if _rel(f, root).split("/")[0] != "masks":
-                files.append(f)
-        _require_images(root, files, "paired AB")
-        for f in files:
-            key = Path(_rel(f, root)).with_suffix("").as_posix()
-            col.pairs.append(ABPair(id=key, label=DEFECT, source_id=key, source_path=_rel(f, root),
-                                    add_to_images=True, a_source_path=_rel(f, root) + "#A",
-                                    b_source_path=_rel(f, root) + "#B", path=f,
-                                    mask_path=mask_for(key), diff_threshold=pp.diff_mask_threshold))
-    if pp.diff_mask_threshold == 0 and not masks_dir.is_dir():
-        col.notes.append("paired source: no masks/ folder and prepare.paired.diff_mask_threshold is 0: "
-                         "pairs have has_mask false")
-    col.notes.append("paired source: A images are also written to images.parquet as 'normal' and B images as "
-                     "'defect' (same source_id, so A images are not in the unpaired normal pool)")
+        found = _find_suffix(root, pp, col)
+
+    fmt = pp.boxes
+    box_files: dict[str, BoxFile] = {}
+    for f in found:
+        if not fmt.pattern:
+            continue
+        path = _box_path(f, fmt.pattern, root)
+        if not path.is_file():
+            col.problems.append(BadInput(f.b_path, f"has no box annotation file (looked for {path})",
+                                         "add it, or fix prepare.paired.boxes.pattern"))
+            continue
+        try:
+            boxes = parse_box_file(path, fmt)
+        except BadInput as err:
+            col.problems.append(err)
+            continue
+        if not boxes.boxes:
+            col.problems.append(BadInput(path, "lists no boxes: its pair shows no defect and is left out",
+                                         "remove the pair, or add its boxes"))
+            continue
+        box_files[f.key] = boxes
+    if fmt.pattern:
+        seen = {b.label for bf in box_files.values() for b in bf.boxes}
+        named = list(dict.fromkeys(fmt.class_names.values())) if fmt.class_names else sorted(seen)
+        col.classes = [c for c in named if c in seen]
+        found = [f for f in found if f.key in box_files]
+        if not found:
+            raise DataError(f"prepare.paired.boxes.pattern is {fmt.pattern!r} but no pair has a usable box file "
+                            "(see the skipped files). Fix the pattern (placeholders {id}, {stem}, {folder}, "
+                            "{root}; relative to the test image's folder) or the box files.")
+        several = sum(1 for bf in box_files.values() if len({b.label for b in bf.boxes}) > 1)
+        if several:
+            col.notes.append(f"{several} pair(s) have boxes of several classes: each is labelled with the class "
+                             "whose boxes cover the largest area (tie: the class listed first); its mask marks "
+                             "all its boxes")
+    else:
+        col.classes = [DEFECT]
+    used_text = {bf.path for bf in box_files.values()}
+    _note_other(col.notes, [o for o in other if Path(_normpath(o)) not in used_text], root)
+
+    for f in found:
+        boxes = box_files.get(f.key)
+        masks = PairMaskSource(mask_path=mask_for(f.key), boxes=boxes, diff_threshold=pp.diff_mask_threshold)
+        label = boxes.image_class(col.classes) if boxes is not None else DEFECT
+        common = dict(id=f.key, label=label, source_id=f.key, source_path=f.source_path, add_to_images=True,
+                      a_source_path=f.a_source_path, b_source_path=f.b_source_path, masks=masks)
+        if f.a_path is None:
+            col.pairs.append(ABPair(path=f.b_path, **common))
+        else:
+            col.pairs.append(FilePair(a_path=f.a_path, b_path=f.b_path, **common))
+    if pp.diff_mask_threshold == 0 and not masks_dir.is_dir() and not fmt.pattern:
+        col.notes.append("paired source: no masks/ folder, no prepare.paired.boxes.pattern and "
+                         "prepare.paired.diff_mask_threshold is 0: pairs have has_mask false")
+    col.notes.append("paired source: A images are also written to images.parquet as 'normal' and B images "
+                     "with the pair's class (same source_id, so A images are not in the unpaired normal pool)")
     return col
 
 

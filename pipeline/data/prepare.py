@@ -84,6 +84,46 @@ def _unique_ids(rows: Iterable[dict]) -> None:
             r["id"] = f"{r['id']}#{seen[r['id']]}"
 
 
+# Row keys used while preparing only (write_table writes the schema's columns alone).
+_FILE = "_file"                  # the input file, for messages
+_MARKS_DEFECT = "_marks_defect"  # the row's mask marks at least one pixel
+_CONFLICT = "_conflict"          # left out: same pixels as a row with another label
+
+
+def _file(row: dict) -> str:
+    return row.get(_FILE) or row["source_path"]
+
+
+def _label_conflicts(rows: list[dict]) -> list[tuple[BadInput, str]]:
+    """Rows with the same pixels under different labels: mark them (`_CONFLICT`) and say why.
+
+    The same image cannot be both normal and scratch (a file copied into the wrong folder). A
+    copy whose mask marks defect pixels is evidence of its label: when the copies with such a
+    mask all have one label, those copies are kept. Otherwise nothing tells which label is right
+    and every copy is left out (strict: the run stops), each naming the others.
+    """
+    by_hash: dict[str, list[dict]] = {}
+    for r in rows:
+        by_hash.setdefault(r["content_hash"], []).append(r)
+    out = []
+    for copies in by_hash.values():
+        labels = sorted({r["label"] for r in copies})
+        if len(labels) < 2:
+            continue
+        masked = {r["label"] for r in copies if r["has_mask"] and r[_MARKS_DEFECT]}
+        keep = next(iter(masked)) if len(masked) == 1 else None
+        for r in copies:
+            if r["label"] == keep:
+                continue
+            r[_CONFLICT] = True
+            others = ", ".join(f"{_file(o)} ('{o['label']}')" for o in copies if o is not r)
+            verdict = (f"kept as '{keep}', whose mask marks the defect" if keep else
+                       "every copy is left out, nothing tells which label is right")
+            out.append((BadInput(_file(r), f"has the same pixels as {others} but is labelled '{r['label']}'; "
+                                           f"{verdict}", "delete the copy in the wrong class folder"), r["label"]))
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 def run_prepare(params, out_dir: Path, *, quiet: bool = False) -> dict:
@@ -136,7 +176,8 @@ def _prepare_into(p, tmp: Path) -> dict:
         return {"schema_version": mf.SCHEMA_VERSION, "id": id_, "split": None, "label": label,
                 "label_idx": label_idx[label], "image_png": png, "mask_png": encode_mask_png(mask),
                 "has_mask": bool(has_mask), "unpaired_pool": False, "width": res, "height": res, "channels": ch,
-                "source_path": source_path, "source_id": source_id, "content_hash": mf.sha256(png)}
+                "source_path": source_path, "source_id": source_id, "content_hash": mf.sha256(png),
+                _MARKS_DEFECT: bool(mask.any())}
 
     for item in _progress(col.images, f"{p.source}: images"):
         try:
@@ -144,8 +185,10 @@ def _prepare_into(p, tmp: Path) -> dict:
         except BadInput as err:
             bad(err, item.label)
             continue
-        image_rows.append(image_row(item.id, item.label, loaded.image, loaded.mask, loaded.has_mask,
-                                    item.source_path, item.source_id))
+        row = image_row(item.id, item.label, loaded.image, loaded.mask, loaded.has_mask,
+                        item.source_path, item.source_id)
+        row[_FILE] = str(getattr(item, "path", "") or item.source_path)
+        image_rows.append(row)
     for item in _progress(col.pairs, f"{p.source}: pairs"):
         try:
             pair = item.load(ctx)
@@ -165,6 +208,9 @@ def _prepare_into(p, tmp: Path) -> dict:
                                         item.a_source_path or item.source_path, item.source_id))
             image_rows.append(image_row(f"{item.id}/B", item.label, pair.b, pair.mask, pair.has_mask,
                                         item.b_source_path or item.source_path, item.source_id))
+    for err, label in _label_conflicts(image_rows):
+        bad(err, label)
+    image_rows = [r for r in image_rows if not r.get(_CONFLICT)]
     _unique_ids(image_rows)
     _unique_ids(pair_rows)
 
@@ -240,7 +286,10 @@ def _prepare_into(p, tmp: Path) -> dict:
     mf.write_json(tmp / mf.CLASSES_FILE, {"classes": classes, "resolution": res, "channels": ch,
                                           "schema_version": mf.SCHEMA_VERSION})
     notes = list(col.notes)
-    notes += [f"{n} image(s): {what_}" for what_, n in sorted(ctx.notes.items())]
+    for what_, n in sorted(ctx.notes.items()):
+        shown = getattr(ctx.notes, "examples", {}).get(what_)
+        notes.append(f"{n} image(s): {what_}" + (f": {', '.join(shown)}{' ...' if n > len(shown) else ''}"
+                                                  if shown else ""))
     if duplicates:
         notes.append(f"{duplicates} image(s) byte-identical to another image after conversion: kept in the "
                      "same split as their duplicate")
