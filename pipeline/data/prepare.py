@@ -10,7 +10,6 @@ byte-identical files.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter
@@ -136,9 +135,6 @@ def run_prepare(params, out_dir: Path, *, quiet: bool = False) -> dict:
     _check_out_dir(out_dir)
     with atomic_dir(out_dir) as tmp:
         stats = _prepare_into(params, Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700; give it ordinary folder permissions
     elapsed = time.perf_counter() - started
     if quiet:
         return {**stats, "elapsed_s": elapsed, "out_dir": str(out_dir)}
