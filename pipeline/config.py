@@ -526,7 +526,8 @@ class GenerateParams:
 @dataclass
 class EvaluateParams:
     metrics: list[str] = field(default_factory=lambda: ["swd", "kid_domain", "fid_domain", "mmd_domain",
-                                                        "duplicate_rate", "mask_in_region"])
+                                                        "duplicate_rate", "mask_in_region",
+                                                        "class_accuracy_domain"])
     seed: int = 0
     feature_epochs: int = 3
     inception_weights: Optional[str] = None   # local path; Inception metrics only when given

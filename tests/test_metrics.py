@@ -20,6 +20,7 @@ from pipeline.config import EvaluateParams, from_dict
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.metrics import kernel, registry
 from pipeline.metrics.diversity import duplicate_rate_of, mean_pairwise, pixel_vectors
+from pipeline.metrics.fidelity import class_accuracy_domain
 from pipeline.metrics.placement import mask_in_region, mask_share_in_region
 from pipeline.metrics.swd import swd_per_level
 
@@ -250,6 +251,62 @@ def test_mask_in_region_hand_computed():
     none = registry.MetricContext(params=EvaluateParams(), fake_masks=masks, fake_regions=regions,
                                   has_region=np.zeros(4, bool))
     assert np.isnan(mask_in_region(None, None, none))
+
+
+def test_class_accuracy_domain_hand_computed():
+    requested = np.array([1, 1, 2, -1, -1])      # -1: "defect", any defect class is right
+    predicted = np.array([1, 2, 2, 0, 2])        # right, wrong, right, wrong (normal), right
+    ctx = registry.MetricContext(params=EvaluateParams(), features={"domain_class": (np.zeros(3), predicted)},
+                                 fake_labels=requested)
+    ctx._current = "class_accuracy_domain"
+    assert class_accuracy_domain(None, None, ctx) == pytest.approx(3 / 5)
+    assert ctx.details == {"class_accuracy_domain_as_normal": pytest.approx(1 / 5)}
+    unlabelled = registry.MetricContext(params=EvaluateParams(), features={"domain_class": (np.zeros(3), predicted)})
+    assert np.isnan(class_accuracy_domain(None, None, unlabelled))
+    with pytest.raises(PipelineError, match="domain_class"):
+        class_accuracy_domain(None, None, registry.MetricContext(params=EvaluateParams(), fake_labels=requested))
+
+
+def _real_images_as_samples(root: Path, model: str, real, relabel: dict[int, int]) -> None:
+    """A "model" whose samples are the real defect images, asked for class relabel[true class]."""
+    rows = []
+    for i in np.nonzero(real.labels >= 1)[0]:
+        k = relabel[int(real.labels[i])]
+        rows.append(dict(id=f"{model}-{i}", label=CLASSES[k], label_idx=k, image_png=_png(real.images[i].transpose(1, 2, 0)),
+                         mask_png=_png(real.masks[i, 0] * 255), region_png=None, model=model))
+    (root / model).mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / model / "samples.parquet")
+
+
+def test_class_accuracy_domain_high_for_real_images_of_the_asked_class_low_when_shuffled(tmp_path):
+    """Real images asked for their own class score about the classifier's test recall; the same
+    images asked for the other defect class score about 1 - that."""
+    from pipeline.metrics.data import load_real
+    from pipeline.metrics.evaluate import run_evaluate
+
+    prepared = make_prepared(tmp_path / "prepared", {"train": 12, "val": 4, "test": 6})
+    real = load_real(prepared, ["test", "val"])
+    syn = tmp_path / "syn"
+    _real_images_as_samples(syn, "true_labels", real, {1: 1, 2: 2})
+    _real_images_as_samples(syn, "shuffled", real, {1: 2, 2: 1})
+    params = EvaluateParams(metrics=["class_accuracy_domain"], feature_epochs=1, feature_min_steps=40)
+    saved = run_evaluate(params, prepared, syn, tmp_path / "out", ["true_labels", "shuffled"])
+    on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert on_disk["models"]["true_labels"]["overall"]["class_accuracy_domain"] == \
+        pytest.approx(saved["models"]["true_labels"]["overall"]["class_accuracy_domain"])
+
+    domain = on_disk["features"]["domain"]
+    assert domain["test_n"] == 18 and set(domain["test_recall"]) == set(CLASSES)
+    assert domain["test_accuracy"] >= 0.8                 # easy data: the classifier can be trusted
+    true, shuffled = (on_disk["models"][m] for m in ("true_labels", "shuffled"))
+    assert true["overall"]["class_accuracy_domain"] >= 0.8
+    assert shuffled["overall"]["class_accuracy_domain"] <= 0.2
+    for cls in ("scratch", "spot"):
+        assert true["per_class"][cls]["class_accuracy_domain"] >= 0.8, cls
+        assert shuffled["per_class"][cls]["class_accuracy_domain"] <= 0.2, cls
+    assert true["overall"]["class_accuracy_domain_as_normal"] <= 0.2
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "class_accuracy_domain ↑" in table and "balanced accuracy" in table
 
 
 # --------------------------------------------------------------------------- Inception only from local weights

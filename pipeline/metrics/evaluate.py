@@ -9,7 +9,10 @@ default):
 
 Outputs (written atomically into `out_dir`):
   metrics.json   DVC metrics: {"models": {model: {"overall": {...}, "per_class": {...}}}, ...}
-                 NaN (not computable) is written as null.
+                 NaN (not computable) is written as null. "features.domain" describes the
+                 domain network, including its accuracy, balanced accuracy and per-class
+                 recall on the real test split (test_accuracy, test_balanced_accuracy,
+                 test_recall): how far class_accuracy_domain can be trusted.
   table.md       models x metrics, like the Defect-GAN paper's comparison table, + per class
   feature_net.pt the cached domain feature network (reused when data and settings match)
 MLflow: through `pipeline.tracking.log_evaluation(metrics, artifacts)` when that module exists.
@@ -30,6 +33,7 @@ from pipeline.errors import DataError
 from pipeline.fsutil import atomic_dir
 from pipeline.metrics.data import (DEFECT_LABEL, ImageSet, PreparedInfo, SyntheticSet, find_model_folders,
                                    load_real, load_synthetic, read_prepared_info)
+from pipeline.metrics.fidelity import DOMAIN_CLASS_SPACE
 from pipeline.metrics.registry import MetricContext, MetricSpec, compute_metric, validate_metric_names
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,7 @@ def score_group(specs: list[MetricSpec], params, real: ImageSet, fake: Synthetic
         params=params, seed=params.seed,
         features={space: (r[real_idx], f[fake_idx]) for space, (r, f) in features.items()},
         fake_masks=fake.masks[fake_idx], fake_regions=fake.regions[fake_idx],
-        has_region=fake.has_region[fake_idx])
+        has_region=fake.has_region[fake_idx], fake_labels=fake.label_idx[fake_idx])
     for spec in specs:
         out.update(compute_metric(spec, real.images[real_idx], fake.images[fake_idx], ctx))
     return out
@@ -91,7 +95,7 @@ def _feature_spaces(needs: set[str], params, prepared_dir: Path, info: PreparedI
     real_f: dict[str, np.ndarray] = {}
     fake_f: dict[str, dict[str, np.ndarray]] = {m: {} for m in synth}
     meta: dict[str, Any] = {}
-    if "domain" in needs:
+    if needs & {"domain", DOMAIN_CLASS_SPACE}:
         from pipeline.metrics import features as fx
 
         train = load_real(prepared_dir, ["train"])
@@ -104,13 +108,21 @@ def _feature_spaces(needs: set[str], params, prepared_dir: Path, info: PreparedI
             epochs=params.feature_epochs, seed=params.seed, batch_size=params.feature_batch_size,
             min_steps=params.feature_min_steps, cache_in=cache_in, cache_out=cache_out)
         bs = params.feature_batch_size
-        real_f["domain"] = fx.extract_features(net, real.images, bs)
-        for model, s in synth.items():
-            fake_f[model]["domain"] = fx.extract_features(net, s.images, bs)
-        heldout_acc = float(np.mean(fx.predict(net, real.images, bs) == real.labels))
+        if "domain" in needs:
+            real_f["domain"] = fx.extract_features(net, real.images, bs)
+            for model, s in synth.items():
+                fake_f[model]["domain"] = fx.extract_features(net, s.images, bs)
+        real_pred = fx.predict(net, real.images, bs)
+        if DOMAIN_CLASS_SPACE in needs:
+            real_f[DOMAIN_CLASS_SPACE] = real_pred
+            for model, s in synth.items():
+                fake_f[model][DOMAIN_CLASS_SPACE] = fx.predict(net, s.images, bs)
+        heldout_acc = float(np.mean(real_pred == real.labels))
         meta["domain"] = {"network": "DomainFeatureNet (small CNN trained on the real training split; "
                                      "NOT Inception)", "cached": net_info.cached, "key": net_info.key,
-                          "heldout_accuracy": heldout_acc, **net_info.config}
+                          "heldout_accuracy": heldout_acc,
+                          **classifier_on_test(net, load_real(prepared_dir, ["test"]), info.classes, bs),
+                          **net_info.config}
     if "inception" in needs:
         from pipeline.metrics.inception import inception_features, load_inception
 
@@ -120,6 +132,22 @@ def _feature_spaces(needs: set[str], params, prepared_dir: Path, info: PreparedI
             fake_f[model]["inception"] = inception_features(module, s.images, params.inception_size)
         meta["inception"] = {"weights": str(params.inception_weights), "size": params.inception_size}
     return real_f, fake_f, meta
+
+
+def classifier_on_test(net, test: ImageSet, classes: list[str], batch_size: int) -> dict[str, Any]:
+    """How far the domain network can be trusted as a classifier: its accuracy, balanced
+    accuracy (mean recall over the classes present) and per-class recall on the real test split.
+    A class's recall is the class_accuracy_domain its real test images would get."""
+    from pipeline.downstream.scores import per_class_recall
+    from pipeline.metrics import features as fx
+
+    if len(test) == 0:
+        return {"test_n": 0, "test_accuracy": math.nan, "test_balanced_accuracy": math.nan, "test_recall": {}}
+    pred = fx.predict(net, test.images, batch_size)
+    recall = per_class_recall(test.labels, pred, len(classes))
+    return {"test_n": len(test), "test_accuracy": float(np.mean(pred == test.labels)),
+            "test_balanced_accuracy": float(np.nanmean(recall)),
+            "test_recall": {c: float(r) for c, r in zip(classes, recall)}}
 
 
 def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path,
@@ -246,7 +274,11 @@ def render_table(metrics: dict, specs: list[MetricSpec]) -> str:
                       "training images (not Inception): compare them between models and runs on the same "
                       "data only, never with published FID/KID values. "
                       f"Its accuracy on the real reference images: {d['heldout_accuracy']:.3f} "
-                      f"({d['epochs']} epochs, seed {d['seed']}{', loaded from cache' if d['cached'] else ''})."]
+                      f"({d['epochs']} epochs, seed {d['seed']}{', loaded from cache' if d['cached'] else ''}); "
+                      f"on the real test split ({d['test_n']} images): accuracy {_fmt(d['test_accuracy'])}, "
+                      f"balanced accuracy {_fmt(d['test_balanced_accuracy'])}, recall per class "
+                      + ", ".join(f"{c} {_fmt(r)}" for c, r in d["test_recall"].items())
+                      + ". `class_accuracy_domain` of class k cannot be trusted beyond that class's recall."]
     if metrics["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in metrics["notes"]]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ MetricFn = Callable[[np.ndarray, np.ndarray, "MetricContext"], float]
 class MetricSpec:
     name: str
     fn: MetricFn
-    needs: frozenset[str]        # feature spaces it reads: "domain", "inception"
+    needs: frozenset[str]        # feature spaces it reads: "domain", "domain_class", "inception"
     lower_is_better: bool
     description: str
 
@@ -77,7 +77,7 @@ def validate_metric_names(names: list[str], key: str = "evaluate.metrics") -> li
 
 def _load_builtin_metrics() -> None:
     """Import the modules whose decorators fill METRICS (explicit list, grep-able)."""
-    from pipeline.metrics import diversity, inception, kernel, placement, swd  # noqa: F401
+    from pipeline.metrics import diversity, fidelity, inception, kernel, placement, swd  # noqa: F401
 
 
 @dataclass
@@ -85,8 +85,10 @@ class MetricContext:
     """What a metric may need besides the two image sets. Arrays are aligned with the sets.
 
     features: {"domain": (real (N, D), fake (M, D)), "inception": (...)} for the feature
-    spaces that requested metrics need. fake_masks: (M, 1, H, W) 0/1; fake_regions:
+    spaces that requested metrics need ("domain_class": the domain network's predicted class,
+    (N,) and (M,)). fake_masks: (M, 1, H, W) 0/1; fake_regions:
     (M, 1, H, W) 0/1 with has_region (M,) bool saying which rows carry a placement region.
+    fake_labels: (M,) int64 class index each sample was asked for (-1: "defect", class not chosen).
     """
 
     params: Any                                   # EvaluateParams
@@ -95,6 +97,7 @@ class MetricContext:
     fake_masks: Optional[np.ndarray] = None
     fake_regions: Optional[np.ndarray] = None
     has_region: Optional[np.ndarray] = None
+    fake_labels: Optional[np.ndarray] = None
     details: dict[str, float] = field(default_factory=dict)
     _current: str = ""
 
