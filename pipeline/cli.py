@@ -2,6 +2,11 @@
 
 Every command turns a `PipelineError` into a one-paragraph message on stderr and a non-zero
 exit code, never a traceback. Library imports happen inside commands so `--help` is instant.
+
+Console (pipeline/console.py): each command prints one line when it starts and one when it ends,
+with a progress display in between; `pipeline --verbose ...` (or PIPELINE_VERBOSE=1) shows the
+libraries' own logs too. Stages run by DVC also write their headline DVC metrics (`--headline`,
+`--headline-dir`, pipeline/headline.py) and tag their MLflow runs with lineage (pipeline.tracking).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Optional
 
 import typer
 
+from pipeline import console
 from pipeline.errors import PipelineError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -21,6 +27,20 @@ cluster_app = typer.Typer(no_args_is_help=True, help="A local multi-node Ray clu
 app.add_typer(cluster_app, name="cluster")
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file to read")
+HeadlineOpt = typer.Option(None, "--headline", help="also write the headline DVC metrics (JSON) here")
+HeadlineDirOpt = typer.Option(None, "--headline-dir", help="also write the headline DVC metrics into this folder")
+
+
+@app.callback()
+def main_options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                              help="show Ray's, Ray Train's, Ray Data's and MLflow's own logs "
+                                                   "(also PIPELINE_VERBOSE=1)")):
+    """Synthetic defect datasets: prepare -> train -> generate -> evaluate -> downstream."""
+    console.setup(verbose)
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "?"
 
 
 def user_errors(fn):
@@ -48,7 +68,14 @@ def prepare(params: Path = ParamsOpt,
     from pipeline.config import load_params
     from pipeline.data.prepare import run_prepare
 
-    run_prepare(load_params(params).prepare, out)
+    cfg = load_params(params)
+    with console.stage(console.stage_name("prepare"), f"{cfg.prepare.source} data -> {out}") as st:
+        stats = run_prepare(cfg.prepare, out, quiet=True)
+        im, pairs = stats["images"], stats["paired"]
+        st.summary = (f"{im['total']} images ({', '.join(f'{k} {n}' for k, n in im['by_split'].items())}), "
+                      f"{pairs['total']} pairs, {len(stats['classes'])} classes, {stats['resolution']} px")
+        if stats.get("skipped_count"):
+            st.summary += f"; {stats['skipped_count']} file(s) skipped, reasons in {out / 'stats.json'}"
 
 
 @app.command()
@@ -63,18 +90,35 @@ def train(stage: str = typer.Option(..., "--stage", help="GAN family to train"),
           use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
           resume: bool = typer.Option(False, "--resume", help="continue the named run from its last checkpoint"),
           run_name: Optional[str] = typer.Option(None, help="run name (Ray run folder and MLflow run)"),
-          dvc_stage: Optional[str] = typer.Option(None, hidden=True, help="set by dvc.yaml")):
+          dvc_stage: Optional[str] = typer.Option(None, hidden=True, help="set by dvc.yaml"),
+          headline: Optional[Path] = HeadlineOpt):
     """Train one GAN family on Ray Train, tracked in MLflow."""
     from pipeline.config import load_params
     from pipeline.models import family_class
-    from pipeline.training.ray_train import launch_training
+    from pipeline.training.ray_train import launch_training, ray_params, train_job
 
     family_class(stage)  # unknown family: clear error before anything starts
     cfg = load_params(params)
     overrides = {k: v for k, v in dict(address=address, num_workers=num_workers,
                                        cpus_per_worker=cpus_per_worker, use_gpu=use_gpu).items() if v is not None}
-    launch_training(cfg, stage, data_dir=data, out_dir=out or Path("models") / stage,
-                    ray_overrides=overrides, resume=resume, run_name=run_name, dvc_stage=dvc_stage)
+    out = out or Path("models") / stage
+    kimg = train_job(cfg, stage, data, out).common.kimg
+    workers = ray_params(cfg, overrides).num_workers
+    with console.stage(console.stage_name(f"train {stage}"),
+                       f"{stage}, {kimg:g} kimg on {workers} Ray Train worker(s)"
+                       + (f", resuming {run_name or 'the newest run'}" if resume else "")) as st:
+        summary = launch_training(cfg, stage, data_dir=data, out_dir=out, ray_overrides=overrides, resume=resume,
+                                  run_name=run_name, dvc_stage=dvc_stage)
+        m = summary["metrics"]
+        if headline is not None:
+            from pipeline.headline import write_train
+
+            write_train(headline, m)
+        st.summary = (f"{_fmt(m.get('kimg'), '.2f')} kimg, {_fmt(m.get('img_per_s'), '.0f')} img/s, "
+                      f"D {_fmt(m.get('D/loss'))}, G {_fmt(m.get('G/loss'))} -> {out} "
+                      f"(run {summary['run_name']}"
+                      + (f", MLflow {summary['mlflow_run_id'][:8]}" if summary.get("mlflow_run_id") else "")
+                      + f"; Ray: {summary['ray']}, {summary['ray_connect_s']:.1f} s)")
 
 
 @app.command()
@@ -92,8 +136,14 @@ def generate(params: Path = ParamsOpt,
 
     cfg = load_params(params)
     name = model or cfg.generate.model
-    run_generate(cfg.generate, name, models_dir / name, data, out or Path("data/synthetic") / name,
-                 address=address, use_gpu=use_gpu)
+    out = out or Path("data/synthetic") / name
+    with console.stage(console.stage_name(f"generate {name}"),
+                       f"{cfg.generate.per_class} images per class from {models_dir / name}") as st:
+        result = run_generate(cfg.generate, name, models_dir / name, data, out, address=address, use_gpu=use_gpu)
+        kept = sum(result["counts"].values())
+        st.summary = (f"{kept} images kept of {result['generated']} generated ({result['dropped']} dropped by the "
+                      f"quality filter, {result['rounds']} round(s)), {result['img_per_s']:.3g} img/s -> {out} "
+                      f"(Ray: {result['ray']}, {result['ray_connect_s']:.1f} s)")
 
 
 @app.command()
@@ -101,13 +151,23 @@ def generate(params: Path = ParamsOpt,
 def evaluate(params: Path = ParamsOpt,
              data: Path = typer.Option(Path("data/prepared")),
              synthetic: Path = typer.Option(Path("data/synthetic")),
-             out: Path = typer.Option(Path("reports/evaluate"))):
+             out: Path = typer.Option(Path("reports/evaluate")),
+             headline_dir: Optional[Path] = HeadlineDirOpt):
     """Offline metrics (SWD, domain KID/FID, MMD, diversity, placement) per model and class."""
+    from pipeline import tracking
     from pipeline.config import load_params
     from pipeline.metrics.evaluate import run_evaluate
 
     cfg = load_params(params)
-    run_evaluate(cfg.evaluate, data, synthetic, out, models=cfg.generate.models)
+    models = cfg.generate.models
+    with console.stage(console.stage_name("evaluate"), f"{len(models)} synthetic set(s) in {synthetic}") as st, \
+            tracking.stage_tags(tracking.lineage_for_synthetic(synthetic, models)):
+        metrics = run_evaluate(cfg.evaluate, data, synthetic, out, models=models)
+        if headline_dir is not None:
+            from pipeline.headline import write_evaluate
+
+            write_evaluate(headline_dir, metrics)
+        st.summary = f"{len(metrics['models'])} model(s) scored -> {out / 'table.md'}"
 
 
 @app.command()
@@ -115,13 +175,27 @@ def evaluate(params: Path = ParamsOpt,
 def downstream(params: Path = ParamsOpt,
                data: Path = typer.Option(Path("data/prepared")),
                synthetic: Path = typer.Option(Path("data/synthetic")),
-               out: Path = typer.Option(Path("reports"))):
+               out: Path = typer.Option(Path("reports")),
+               headline_dir: Optional[Path] = HeadlineDirOpt,
+               plot_data: Optional[Path] = typer.Option(None, "--plot-data",
+                                                         help="also write scores vs shots as a TSV (DVC plot) here")):
     """Train a defect classifier on real / real+augmentation / real+synthetic and compare."""
+    from pipeline import headline as hl
+    from pipeline import tracking
     from pipeline.config import load_params
     from pipeline.downstream.run import run_downstream
 
     cfg = load_params(params)
-    run_downstream(cfg.downstream, cfg.prepare.augment, data, synthetic, out, models=cfg.generate.models)
+    models = cfg.generate.models
+    with console.stage(console.stage_name("downstream"), f"defect classifiers with and without {len(models)} "
+                                                           "synthetic set(s)") as st, \
+            tracking.stage_tags(tracking.lineage_for_synthetic(synthetic, models)):
+        flat = run_downstream(cfg.downstream, cfg.prepare.augment, data, synthetic, out, models=models)
+        if headline_dir is not None:
+            hl.write_downstream(headline_dir, flat)
+        if plot_data is not None:
+            hl.write_scores_vs_shots(plot_data, flat)
+        st.summary = f"-> {out / 'summary.md'}"
 
 
 @app.command()

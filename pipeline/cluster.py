@@ -1,4 +1,6 @@
-"""A local multi-node Ray cluster on this machine: `pipeline cluster up` / `pipeline cluster down`.
+"""A local multi-node Ray cluster on this machine: `pipeline cluster up` / `pipeline cluster down`,
+and `connect`, the one place the pipeline starts or joins Ray (stages join a running `cluster up`
+cluster on their own, so one `dvc repro` pays Ray's start-up once, not once per stage).
 
 `cluster_up` starts one head and `nodes - 1` worker nodes with `ray start ... --block`, each in
 its own session (so Ctrl-C in the terminal does not reach them) with its output in a log file.
@@ -47,11 +49,16 @@ START_TIMEOUT_S = 120.0           # per node; 2 shared cores can be slow
 STOP_TIMEOUT_S = 30.0            # processes of a failed start
 STOP_GRACE_S = 10.0              # `down`: SIGTERM, then SIGKILL what is left after this
 
-# Environment every node (and the processes it spawns) runs with. See docs/STACK_NOTES.md.
+# Environment every node (and the processes it spawns) runs with; `connect` also gives it to a
+# local Ray it starts and to every worker of a job (runtime_env). See docs/STACK_NOTES.md.
 NODE_ENV = {
     "RAY_AUTH_MODE": "disabled",           # otherwise a stray ~/.ray/auth_token breaks joining
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # Ray Train's preemption watcher is one more actor process per fit() (and an error-level
+    # core_worker.cc log line about its constructor arguments); on-premise nodes are not preempted.
+    # Set it to 1 on spot/preemptible cloud nodes.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "DVC_NO_ANALYTICS": "1",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -393,3 +400,74 @@ def cluster_down(*, timeout_s: float = STOP_GRACE_S, quiet: bool = False) -> lis
         else:
             print(f"Ray cluster at {state['address']} had already exited; state file removed.")
     return stopped
+
+
+# --------------------------------------------------------------------------- joining from a stage
+
+def running_cluster() -> Optional[dict[str, Any]]:
+    """The cluster `cluster up` recorded, when its processes still run; else None."""
+    try:
+        state = read_state()
+    except PipelineError:
+        return None
+    return state if state is not None and state_processes(state) else None
+
+
+def ray_logging(verbose: bool) -> dict[str, Any]:
+    """ray.init arguments for Ray's own logging: errors only unless verbose.
+
+    `logging_level` is the driver's `ray` logger ("Started a local Ray instance"); `logging_config`
+    the root and `ray` loggers of every worker of the job (e.g. the Train placement-group cleaner's
+    "Failed to query Ray Train Controller actor state" warnings without a dashboard). Worker
+    output still reaches the driver (log_to_driver): errors and tracebacks pass these levels.
+    """
+    import logging
+
+    import ray
+
+    if verbose:
+        return {"log_to_driver": True}
+    return {"log_to_driver": True, "logging_level": logging.ERROR,
+            "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
+
+
+def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, use_gpu: bool = False,
+            object_store_mb: int = 256, include_dashboard: bool = False) -> tuple[bool, str]:
+    """Join a Ray cluster, or start a local Ray: the one way the pipeline starts Ray.
+
+    Order: `address`; RAY_ADDRESS; the local cluster `pipeline cluster up` started (joining it
+    costs well under a second, against seconds for starting Ray, so stages of one `dvc repro`
+    share it); else a local Ray with `num_cpus` (default all cores). Returns (this call started
+    Ray, so the caller shuts it down; a description of where it runs).
+    """
+    import ray
+
+    from pipeline import console
+
+    for key, value in {**NODE_ENV, **console.quiet_env()}.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return False, "the Ray instance this process already uses"
+    env = {key: os.environ[key] for key in {**NODE_ENV, **console.quiet_env(), console.VERBOSE_ENV: ""}
+           if key in os.environ}
+    kwargs = {"runtime_env": {"env_vars": env}, **ray_logging(console.verbose())}
+    target, where = address or os.environ.get("RAY_ADDRESS") or None, ""
+    if target:
+        where = f"Ray cluster {target}"
+    else:
+        state = running_cluster()
+        if state is not None:
+            target, where = state["address"], f"local Ray cluster {state['address']} (pipeline cluster up)"
+    try:
+        if target:
+            ray.init(address=target, **kwargs)
+            return True, f"joined {where}"
+        cpus = num_cpus or os.cpu_count() or 1
+        ray.init(num_cpus=cpus, num_gpus=None if use_gpu else 0, include_dashboard=include_dashboard,
+                 dashboard_host=LOOPBACK, object_store_memory=object_store_mb * 1024 * 1024, **kwargs)
+        return True, f"local Ray ({cpus} CPUs, started for this stage)"
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        what = where or "a local Ray instance"
+        raise PipelineError(f"cannot start or join {what}: {str(err)[:300]}. Check the address (`ray status`), "
+                            "drop --address / RAY_ADDRESS, or stop a dead local cluster with "
+                            "`pipeline cluster down`.") from None

@@ -26,10 +26,28 @@ Training runs
 
 Other stages call `log_generation` / `log_evaluation` / `log_downstream`, which warn instead
 of failing the stage when the store is down.
+
+Model registry
+    Every trained generator becomes a version of the registered model `train.common.register_model`
+    (default `defect-synth-<family>`), tagged with the dataset hash, the sha256 of
+    generator_ema.pt, the git commit, the DVC stage and the repro id.
+
+Tracing one `dvc repro` across stages
+    Every run of one `dvc repro` (or `dvc exp run`) carries the tag `pipeline.repro_id`
+    (`repro_id`: the DVC process's start time and pid, or PIPELINE_REPRO_ID to group commands run
+    by hand): search `tags.pipeline.repro_id = '<id>'` to see them side by side. Lineage tags say
+    which run used what (`lineage_for_model` / `lineage_for_synthetic`):
+      training run   pipeline.generator_sha256, pipeline.model_version (<name>/<version>)
+      generate run   lineage.generator_sha256, lineage.train_run_id, lineage.model_version,
+                     pipeline.manifest_sha256 (of the synthetic set's manifest.json)
+      evaluate and   lineage.<model>.generate_run_id, lineage.<model>.train_run_id,
+      downstream     lineage.<model>.model_version
+    The CLI puts them around a stage with `stage_tags`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -55,6 +73,11 @@ DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 MODEL_NAME = "generator"          # artifact name of the logged EMA generator
 LAUNCH_TAG = "pipeline.launch_id"  # one per driver invocation: a retry before any checkpoint finds its run
+REPRO_TAG = "pipeline.repro_id"    # the same on every run of one `dvc repro`
+REPRO_ENV = "PIPELINE_REPRO_ID"
+GENERATOR_SHA_TAG = "pipeline.generator_sha256"
+MODEL_VERSION_TAG = "pipeline.model_version"
+MANIFEST_SHA_TAG = "pipeline.manifest_sha256"
 
 # Fail fast instead of mlflow's default ~4 minutes of retries: a failed call is retried on the
 # next tick by TrainRunLogger anyway. Users can override these in their environment.
@@ -67,6 +90,8 @@ class TrackingError(PipelineError):
 
 class TrackingWarning(UserWarning):
     """Tracking failed while work went on; the work itself is unaffected."""
+
+    pipeline_warning = True   # printed as one line by pipeline.console
 
 
 # --------------------------------------------------------------------------- where runs go
@@ -210,6 +235,49 @@ def git_commit(repo: Path = REPO_ROOT) -> str | None:
         return None
 
 
+def repro_id() -> str | None:
+    """One id per `dvc repro` / `dvc exp run`, the same in all of its stages: PIPELINE_REPRO_ID when
+    set, else (inside a DVC stage, DVC_STAGE set) the start time and pid of the `dvc` process that
+    runs the stage; None outside DVC."""
+    explicit = os.environ.get(REPRO_ENV, "").strip()
+    if explicit:
+        return explicit
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    try:
+        import psutil
+
+        for proc in psutil.Process().parents():
+            cmd = proc.cmdline()
+            if any(Path(a).name == "dvc" for a in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
+                return f"dvc-{time.strftime('%Y%m%d-%H%M%S', time.localtime(proc.create_time()))}-{proc.pid}"
+    except Exception:  # noqa: BLE001 - no id is better than a failed stage
+        return None
+    return None
+
+
+def run_context_tags() -> dict[str, str]:
+    """Tags every run gets: repro id, DVC stage and experiment name, git commit (those known)."""
+    tags = {REPRO_TAG: repro_id(), "dvc_stage": os.environ.get("DVC_STAGE"),
+            "dvc_experiment": os.environ.get("DVC_EXP_NAME")}
+    commit = git_commit()
+    if commit:
+        tags.update({"git_commit": commit, "mlflow.source.git.commit": commit.removesuffix("-dirty")})
+    return {k: v for k, v in tags.items() if v}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_model_name(family: str) -> str:
+    return f"{EXPERIMENT_PREFIX}-{family}"
+
+
 def dataset_hash(data_dir: Path) -> str:
     """sha256 of the prepared dataset's identity: classes.json and, per Parquet table, the
     (id, split, content_hash) columns in file order (the file bytes when those are missing)."""
@@ -270,16 +338,14 @@ def plan_training_run(family: str, run_name: str, launch_id: str, config: dict, 
         raise TrackingError(f"cannot use the MLflow store {uri} ({type(err).__name__}: {str(err)[:300]}). "
                             "Check the server / database, or unset MLFLOW_TRACKING_URI.") from None
     all_tags = {"family": family, "dataset_hash": dataset_hash(data_dir), "data_dir": str(data_dir),
-                "ray.run_name": run_name, LAUNCH_TAG: launch_id}
-    commit = git_commit()
-    if commit:
-        all_tags.update({"git_commit": commit, "mlflow.source.git.commit": commit.removesuffix("-dirty")})
+                "ray.run_name": run_name, LAUNCH_TAG: launch_id, **run_context_tags()}
     if dvc_stage:
         all_tags["dvc_stage"] = dvc_stage
     all_tags.update(tags or {})
     return TrainTracking(uri=uri, experiment=name, run_name=run_name, launch_id=launch_id,
                          params=flat_params(config), tags={k: str(v) for k, v in all_tags.items()},
-                         register_model=register_model, pip_requirements=_model_requirements())
+                         register_model=register_model or default_model_name(family),
+                         pip_requirements=_model_requirements())
 
 
 class TrainRunLogger:
@@ -317,6 +383,9 @@ class TrainRunLogger:
             for name in ("metrics.json", "loss_curves.png", "samples.png"):
                 if (Path(out_dir) / name).exists():
                     self._pending.append(("artifact", (str(Path(out_dir) / name), "final", None)))
+            export = Path(out_dir) / "generator_ema.pt"
+            if export.exists():   # delivered byte for byte to models/<family>/: generate finds us by it
+                self._pending.append(("tag", (GENERATOR_SHA_TAG, file_sha256(export))))
         if generator is not None:
             self._pending.append(("model", generator))
         self._pending.append(("finish", "FINISHED"))
@@ -423,15 +492,124 @@ class TrainRunLogger:
             mlflow.set_tracking_uri(self.plan.uri)
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pytorch.log_model(payload, name=MODEL_NAME, serialization_format="pickle",
-                                                pip_requirements=self.plan.pip_requirements,
-                                                registered_model_name=self.plan.register_model)
+                                                pip_requirements=self.plan.pip_requirements)
             self.model_uri = info.model_uri
             client.set_tag(self.run_id, "pipeline.model_uri", info.model_uri)
+            if self.plan.register_model:
+                self._register(client, info)
+        elif kind == "tag":
+            client.set_tag(self.run_id, *payload)
         elif kind == "finish":
             client.set_terminated(self.run_id, status=payload)
 
+    def _register(self, client, info) -> None:
+        """A new version of the registered model, tagged with what the generator was trained on and
+        where it came from. Through the client, not `log_model(registered_model_name=...)`, whose
+        fluent path prints "Successfully registered model ..." lines of its own."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.plan.register_model
+        try:
+            client.create_registered_model(name, description="EMA generators trained by the defect-synth "
+                                                             "pipeline (pipeline/tracking.py)")
+        except MlflowException as err:
+            if "ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        run = client.get_run(self.run_id)
+        keep = ("dataset_hash", "family", "git_commit", "dvc_stage", REPRO_TAG, GENERATOR_SHA_TAG, "ray.run_name")
+        tags = {k: run.data.tags[k] for k in keep if k in run.data.tags}
+        tags["train_run_id"] = self.run_id
+        version = client.create_model_version(
+            name, source=info.model_uri, run_id=self.run_id, tags=tags, model_id=getattr(info, "model_id", None),
+            description=(f"EMA generator of {tags.get('family', '?')} run {tags.get('ray.run_name', self.run_id)}, "
+                         f"trained on dataset {tags.get('dataset_hash', '?')[:12]}"))
+        client.set_tag(self.run_id, MODEL_VERSION_TAG, f"{name}/{version.version}")
+
 
 # --------------------------------------------------------------------------- other stages
+
+_STAGE_TAGS: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def stage_tags(tags: dict[str, str]):
+    """Extra tags (lineage) for every stage run logged inside; the CLI wraps one stage in it."""
+    saved = dict(_STAGE_TAGS)
+    _STAGE_TAGS.update({k: str(v) for k, v in tags.items()})
+    try:
+        yield
+    finally:
+        _STAGE_TAGS.clear()
+        _STAGE_TAGS.update(saved)
+
+
+def _search_one(client, experiment: str, filter_string: str):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
+def _lineage_client():
+    """A client for lineage look-ups, or None when the store is not usable (then no lineage)."""
+    uri = tracking_uri()
+    try:
+        check_tracking(uri, timeout=2.0)
+        return _client(uri)
+    except Exception:  # noqa: BLE001 - lineage is optional; the stage's own logging warns
+        return None
+
+
+def lineage_for_model(model_dir: Path, client=None) -> dict[str, str]:
+    """Tags for a run that uses models/<family>/generator_ema.pt: its sha256, and the training run and
+    registered model version that produced it (when the store has them)."""
+    export = Path(model_dir) / "generator_ema.pt"
+    if not export.exists():
+        return {}
+    sha = file_sha256(export)
+    tags = {"lineage.generator_sha256": sha}
+    client = client or _lineage_client()
+    if client is None:
+        return tags
+    try:
+        family = Path(model_dir).name
+        run = _search_one(client, experiment_name(family), f"tags.`{GENERATOR_SHA_TAG}` = '{sha}'")
+    except Exception:  # noqa: BLE001
+        return tags
+    if run is not None:
+        tags["lineage.train_run_id"] = run.info.run_id
+        if MODEL_VERSION_TAG in run.data.tags:
+            tags["lineage.model_version"] = run.data.tags[MODEL_VERSION_TAG]
+    return tags
+
+
+def lineage_for_synthetic(synthetic_root: Path, models: Iterable[str]) -> dict[str, str]:
+    """Tags for a run that reads data/synthetic/<model>/: per model, the generate run that wrote the
+    set (found by the manifest's sha256) and the training run / model version behind it."""
+    client = _lineage_client()
+    tags: dict[str, str] = {}
+    for model in models:
+        manifest = Path(synthetic_root) / model / "manifest.json"
+        if not manifest.exists():
+            continue
+        sha = file_sha256(manifest)
+        tags[f"lineage.{model}.manifest_sha256"] = sha
+        if client is None:
+            continue
+        try:
+            run = _search_one(client, experiment_name("generate"), f"tags.`{MANIFEST_SHA_TAG}` = '{sha}'")
+        except Exception:  # noqa: BLE001
+            continue
+        if run is None:
+            continue
+        tags[f"lineage.{model}.generate_run_id"] = run.info.run_id
+        for key in ("train_run_id", "model_version"):
+            if f"lineage.{key}" in run.data.tags:
+                tags[f"lineage.{model}.{key}"] = run.data.tags[f"lineage.{key}"]
+    return tags
+
 
 def _log_stage(kind: str, params: dict, metrics: dict, artifacts: Iterable[Path],
                tags: dict | None = None) -> str | None:
@@ -451,10 +629,7 @@ def _log_stage(kind: str, params: dict, metrics: dict, artifacts: Iterable[Path]
             client.update_run(run_id, status="RUNNING")
         else:
             run_id = client.create_run(exp_id, run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}").info.run_id
-        all_tags = {"stage": kind, **(tags or {})}
-        commit = git_commit()
-        if commit:
-            all_tags["git_commit"] = commit
+        all_tags = {"stage": kind, **run_context_tags(), **_STAGE_TAGS, **(tags or {})}
         now = int(time.time() * 1000)
         flat_metrics = {sanitize_name(k): float(v) for k, v in flatten(metrics).items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -478,8 +653,8 @@ def _log_stage(kind: str, params: dict, metrics: dict, artifacts: Iterable[Path]
         return None
 
 
-def log_generation(params: dict, metrics: dict, artifacts: list[Path]) -> str | None:
-    return _log_stage("generate", params, metrics, artifacts)
+def log_generation(params: dict, metrics: dict, artifacts: list[Path], tags: dict | None = None) -> str | None:
+    return _log_stage("generate", params, metrics, artifacts, tags)
 
 
 def log_evaluation(metrics: dict, artifacts: list[Path]) -> str | None:
@@ -569,4 +744,5 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 __all__ = ["TrackingError", "TrackingWarning", "TrainTracking", "TrainRunLogger", "tracking_uri",
            "artifact_root", "experiment_name", "check_tracking", "ensure_experiment", "plan_training_run",
            "sanitize_name", "flat_params", "dataset_hash", "git_commit", "log_generation", "log_evaluation",
-           "log_downstream", "serve_ui", "ui_command"]
+           "log_downstream", "serve_ui", "ui_command", "repro_id", "run_context_tags", "stage_tags",
+           "lineage_for_model", "lineage_for_synthetic", "default_model_name", "file_sha256", "REPRO_TAG"]

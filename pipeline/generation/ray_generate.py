@@ -18,20 +18,23 @@ cyclegan, pix2pix, unconditional dcgan/progan) make `per_class` images of one cl
 when complete (`fsutil.atomic_dir`); an existing `out_dir` is replaced only when it is a
 previous output of this stage (manifest.json of kind `synthetic-defect-dataset`).
 
-Resources: local Ray (`num_cpus=2`) unless `address` is given. Actors take a fractional CPU
+Resources: `pipeline.cluster.connect`: `address`, RAY_ADDRESS, a running `pipeline cluster up`
+cluster, else a local Ray on all cores. Actors take a fractional CPU
 (`generate.cpus_per_actor`, 0.5 by default): a full CPU per actor on a 2-CPU machine leaves
 none for the plan tasks and the pipeline deadlocks silently. With `use_gpu` the actors share
 the cluster's GPUs (at most one each).
+
+Console: one progress display (pipeline.console.progress), images kept out of the number asked
+for; Ray Data's own progress bars and logs stay off unless verbose.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import re
-import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ import ray
 import ray.data
 import torch
 
+from pipeline import console
 from pipeline.config import GenerateParams, positive, to_dict
 from pipeline.errors import DataError, ParamsError, PipelineError, TrainingError
 from pipeline.fsutil import atomic_dir
@@ -51,6 +55,7 @@ from pipeline.generation.sampler import (DEFECT_LABEL, DEFECT_LABEL_IDX, Sampler
                                          keep, sample_seeds)
 from pipeline.generation.writer import SyntheticWriter, is_generation_output, sample_id
 from pipeline.models.base import DataSpec
+from pipeline.tracking import file_sha256
 from pipeline.training.loop import EXPORT_FILE, load_trained, read_spec
 
 PLAN_CPUS = 0.25            # per plan task: cheap (slices the normal pool)
@@ -114,14 +119,6 @@ def read_normals(prepared_dir: Path, split: str) -> tuple[list[str], pa.BinaryAr
         raise DataError(f"prepared data {prepared_dir} has no normal image (label_idx 0) in split '{split}' "
                         "(generate.normal_split): defects are put on normal images.")
     return table.column("id").to_pylist(), table.column("image_png").combine_chunks()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def output_classes(class_conditional: bool, data_classes: tuple[str, ...]) -> list[OutClass]:
@@ -202,12 +199,18 @@ def generate_stream(params: GenerateParams, model_dir: Path, placement: Placemen
     ds = ds.map_batches(plan_batch, batch_format="numpy", num_cpus=PLAN_CPUS,
                         fn_kwargs=dict(start=start, bounds=bounds, synth=synth, out_idx=out_idx,
                                        seed=params.seed, pool=pool_ref))
-    ds = ds.map_batches(GenerateActor, batch_format="numpy", batch_size=params.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=params.num_actors),
-                        fn_constructor_kwargs=dict(model_dir=str(Path(model_dir).absolute()),
-                                                   placement=placement, device=device,
-                                                   threads=max(1, int(params.cpus_per_actor))),
-                        **actor_args)
+    # Ray Data passes an actor's context and UDF by object reference, so Ray core warns (at error
+    # level, one line per actor) that a restart could not rebuild it. max_restarts=0: a dead actor
+    # fails the stage instead (every sample has its own seed: a rerun gives the same images). Ray
+    # 2.60 takes max_restarts only as a deprecated extra keyword (no named parameter before 2.64).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(GenerateActor, batch_format="numpy", batch_size=params.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=params.num_actors),
+                            fn_constructor_kwargs=dict(model_dir=str(Path(model_dir).absolute()),
+                                                       placement=placement, device=device,
+                                                       threads=max(1, int(params.cpus_per_actor))),
+                            max_restarts=0, **actor_args)
     ds.context.execution_options.preserve_order = True   # deterministic keep/drop and row order
     ds.context.enable_progress_bars = False
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
@@ -330,25 +333,28 @@ def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepa
     sha = file_sha256(checkpoint)
     del family   # the actors load their own copy
 
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=2, include_dashboard=False)
+    from pipeline.cluster import connect
+
+    t_connect = time.perf_counter()
+    started, where = connect(address, use_gpu=use_gpu)
+    connect_s = time.perf_counter() - t_connect
+    target = params.per_class * len(classes)
     try:
         pool_ref = ray.put(pool)
         t0 = time.perf_counter()
         select = _Selector(classes, params, filtered, model_name, normal_ids)
         next_index, rounds, first_batch_s = 0, 0, None
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir) as tmp, \
+                console.progress(f"generate {model_name}", total=target, unit="kept") as bar:
             writer = SyntheticWriter(tmp, [oc.label for oc in classes], data_spec.channels)
+            bar.update(note="starting generator actors")
             for rnd in range(params.max_rounds):
                 requests = select.requests(first=rnd == 0)
                 if not requests:
                     break
                 rounds += 1
                 n = sum(c for _, c in requests)
+                done_before = sum(select.seen.values())
                 with _pipeline_errors():
                     for batch in generate_stream(params, model_dir, placement, pool_ref, requests,
                                                  next_index, use_gpu):
@@ -356,10 +362,10 @@ def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepa
                             first_batch_s = time.perf_counter() - t0
                         rows, normal_index = select.take(batch)
                         writer.add(rows, lambda i, idx=normal_index: pool[idx[i]].as_py())
+                        bar.update(completed=sum(select.kept.values()),
+                                   note=f"round {rnd + 1}: {sum(select.seen.values()) - done_before}/{n} asked, "
+                                        f"{select.dropped} dropped by the quality filter")
                 next_index += n
-                print(f"generate round {rnd + 1}: {n} synthesised, kept so far "
-                      f"{sum(select.kept.values())}/{params.per_class * len(classes)}, "
-                      f"dropped {select.dropped}", flush=True)
             seconds = time.perf_counter() - t0
             shortfall = {oc.label: params.per_class - select.kept[oc.label] for oc in classes
                          if select.kept[oc.label] < params.per_class}
@@ -381,25 +387,27 @@ def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepa
         if started:
             ray.shutdown()
     if shortfall:
-        print(f"warning: after {rounds} rounds the quality filter left {shortfall} short of "
-              f"generate.per_class={params.per_class}; raise generate.max_rounds or widen "
-              "min/max_mask_fraction.", file=sys.stderr)
-    # startup_s: until the first ordered batch reached the driver (actor start-up, model load).
-    stats = {"img_per_s": next_index / max(seconds, 1e-9), "seconds": seconds, "startup_s": first_batch_s}
+        console.print_line(f"warning: after {rounds} rounds the quality filter left {shortfall} short of "
+                           f"generate.per_class={params.per_class}; raise generate.max_rounds or widen "
+                           "min/max_mask_fraction.")
+    # startup_s: until the first ordered batch reached the driver (actor start-up, model load);
+    # ray_connect_s: starting or joining Ray.
+    stats = {"img_per_s": next_index / max(seconds, 1e-9), "seconds": seconds, "startup_s": first_batch_s,
+             "ray_connect_s": connect_s}
     if track:
-        _track(params, model_name, manifest, stats, out_dir)
-    return {**manifest, **stats}
+        _track(params, model_name, manifest, stats, out_dir, model_dir)
+    return {**manifest, **stats, "ray": where}
 
 
-def _track(params: GenerateParams, model_name: str, manifest: dict, stats: dict, out_dir: Path) -> None:
-    try:
-        from pipeline.tracking import log_generation
-    except ImportError:
-        return
+def _track(params: GenerateParams, model_name: str, manifest: dict, stats: dict, out_dir: Path,
+           model_dir: Path) -> None:
+    from pipeline import tracking
+
     metrics = {"generated": manifest["generated"], "dropped": manifest["dropped"], **stats,
                **{f"count/{k}": v for k, v in manifest["counts"].items()}}
-    try:
-        log_generation({"model": model_name, **to_dict(params)}, metrics,
-                       [out_dir / "manifest.json", out_dir / "preview.png"])
-    except AttributeError:
-        pass
+    # Lineage: the generator file (-> its training run and model version), and this set's manifest
+    # (-> evaluate and downstream find this run by it).
+    tags = {**tracking.lineage_for_model(model_dir),
+            tracking.MANIFEST_SHA_TAG: tracking.file_sha256(out_dir / "manifest.json")}
+    tracking.log_generation({"model": model_name, **to_dict(params)}, metrics,
+                            [out_dir / "manifest.json", out_dir / "preview.png"], tags=tags)

@@ -26,15 +26,25 @@ checkpoint, so a restarted or resumed run keeps logging into the same MLflow run
 
 Final files go through Ray storage rather than being written by rank 0 into out_dir directly,
 so a run on a remote cluster still delivers models/<family>/ to the machine that launched it.
+
+Console: the driver shows one progress display (pipeline.console.progress: kimg done/total,
+img/s, ETA, D and G loss). Rank 0 publishes each tick's figures in Ray's GCS key-value store
+(`publish_progress`, a few hundred bytes per tick, no extra actor); a driver thread polls it. Ray
+Train's own logging is kept to errors unless verbose (RunConfig.logging_config); a worker that
+fails with anything but a PipelineError prints its full traceback, which reaches the driver.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,29 +53,24 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipeline import console
 from pipeline.config import Params, RayParams, from_dict, to_dict, train_params
 from pipeline.errors import DataError, ParamsError, PipelineError, TrainingError
 from pipeline.fsutil import atomic_dir, ensure_writable_parent
 from pipeline.training.checkpoint import capture_rng, load_checkpoint, restore_rng
 from pipeline.training.loop import EXPORT_FILE, Reporter, Trainer, TrainJob
 
-# Set before Ray starts so the raylet, the Train controller and the workers inherit them
-# (see docs STACK_NOTES: auth off for several local nodes; 0.2 s controller poll, not 2 s).
-RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-}
 # Test hook: when set, each worker writes <dir>/rank<r>.pid and appends "<pid> <nimg resumed from>"
 # to <dir>/rank<r>.log per attempt; on its first attempt every rank waits after the first checkpoint
 # until <dir>/release exists (or it is killed), so a test can kill a worker process at a known
 # point. Unset in normal use.
 HOOK_ENV = "PIPELINE_TRAIN_TEST_HOOK_DIR"
 RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"   # Ray Train V2's list of a run's checkpoints
+PROGRESS_NAMESPACE = "defect-synth-progress"       # GCS key-value namespace of the live progress
+LOSS_CURVES_TSV = "loss_curves.tsv"                 # per-tick losses, the DVC plot of a training
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 
@@ -80,6 +85,7 @@ class WorkerConfig:
     tracking: Any = None            # pipeline.tracking.TrainTracking, or None: no MLflow
     cluster_nodes: int = 1
     hook_dir: str | None = None
+    progress_key: str | None = None  # rank 0 publishes each tick under this GCS key (None: not at all)
 
 
 class RayReporter(Reporter):
@@ -88,18 +94,25 @@ class RayReporter(Reporter):
     to an inner reporter on rank 0 (MLflow). Never calls MLflow itself."""
 
     def __init__(self, rank: int, inner=None, final_metrics: dict | None = None,
-                 hold_dir: str | None = None, run_tag: str = "", rank_state=None):
+                 hold_dir: str | None = None, run_tag: str = "", rank_state=None,
+                 progress_key: str | None = None):
         self.rank, self.inner = rank, inner
         self.final_metrics = dict(final_metrics or {})
         self.hold_dir, self.run_tag = hold_dir, run_tag
         self.rank_state = rank_state      # ranks > 0: callable -> this rank's sampler + RNG state
+        self.progress_key = progress_key if rank == 0 else None
+        self.attempt = uuid.uuid4().hex[:8]   # a restarted worker group is a new attempt
         self.report_seconds, self.reports = 0.0, 0
 
     def on_start(self, job, resumed_nimg):
+        if self.progress_key:
+            publish_progress(self.progress_key, {"attempt": self.attempt, "nimg": resumed_nimg, "started": True})
         if self.inner is not None:
             self.inner.on_start(job, resumed_nimg)
 
     def on_tick(self, nimg, metrics):
+        if self.progress_key:
+            publish_progress(self.progress_key, {"attempt": self.attempt, "nimg": nimg, **progress_figures(metrics)})
         if self.inner is not None:
             self.inner.on_tick(nimg, metrics)
 
@@ -146,6 +159,77 @@ class RayReporter(Reporter):
 
 def rank_state_file(rank: int) -> str:
     return f"rank-{rank}.pt"
+
+
+# --------------------------------------------------------------------------- live progress
+
+def progress_figures(metrics: dict) -> dict[str, float]:
+    """What the progress display shows of a tick: img/s and the D and G totals."""
+    return {k: float(metrics[k]) for k in ("img_per_s", "D/loss", "G/loss") if k in metrics}
+
+
+def publish_progress(key: str, figures: dict) -> None:
+    """Rank 0: put this tick's figures where the driver polls them. Never fails training."""
+    try:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(key, json.dumps(figures), overwrite=True, namespace=PROGRESS_NAMESPACE)
+    except Exception:  # noqa: BLE001 - progress is cosmetic; the run goes on without it
+        pass
+
+
+def progress_note(figures: dict) -> str:
+    """`95 img/s · D 0.412 · G 2.1`."""
+    parts = []
+    if "img_per_s" in figures:
+        parts.append(f"{figures['img_per_s']:.0f} img/s")
+    parts += [f"{net} {figures[f'{net}/loss']:.3g}" for net in ("D", "G") if f"{net}/loss" in figures]
+    return " · ".join(parts)
+
+
+class ProgressWatch(threading.Thread):
+    """Driver side: polls rank 0's figures and moves the progress display; says when Ray Train
+    restarted the worker group (a new attempt), so a jump back in kimg is explained."""
+
+    def __init__(self, key: str, bar: "console.Progress", label: str, poll_s: float = 0.5):
+        super().__init__(daemon=True, name="train-progress")
+        self.key, self.bar, self.label, self.poll_s = key, bar, label, poll_s
+        self.stop = threading.Event()
+        self.attempts: list[str] = []
+
+    def run(self) -> None:
+        from ray.experimental import internal_kv
+
+        last = None
+        while not self.stop.wait(self.poll_s):
+            try:
+                raw = internal_kv._internal_kv_get(self.key, namespace=PROGRESS_NAMESPACE)
+            except Exception:  # noqa: BLE001 - Ray going down; nothing to show
+                continue
+            if raw is None or raw == last:
+                continue
+            last = raw
+            self.show(json.loads(raw))
+
+    def show(self, figures: dict) -> None:
+        attempt = figures.get("attempt")
+        if attempt not in self.attempts:
+            if self.attempts:
+                console.print_line(f"  {self.label}: Ray Train restarted the workers; resuming from "
+                                   f"{figures.get('nimg', 0) / 1000:.3f} kimg")
+            self.attempts.append(attempt)
+        note = "workers started" if figures.get("started") else progress_note(figures)
+        self.bar.update(completed=figures.get("nimg", 0) / 1000, note=note)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(2.0)
+        try:
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_del(self.key, namespace=PROGRESS_NAMESPACE)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _rank_state(trainer: Trainer) -> dict:
@@ -206,7 +290,8 @@ def _worker_loop(config: dict) -> None:
             "ray.device": "cuda" if wc.use_gpu else "cpu"})
     checkpoint = ray.train.get_checkpoint()
     reporter = RayReporter(rank, inner, final_metrics={"worker_nodes": nodes, "world_size": world},
-                           hold_dir=wc.hook_dir if checkpoint is None else None, run_tag=wc.launch_id[:8])
+                           hold_dir=wc.hook_dir if checkpoint is None else None, run_tag=wc.launch_id[:8],
+                           progress_key=wc.progress_key)
     device = ray.train.torch.get_device() if wc.use_gpu else torch.device("cpu")
 
     work = Path(tempfile.mkdtemp(prefix=f"pipeline-{wc.run_name}-rank{rank}-"))
@@ -220,6 +305,15 @@ def _worker_loop(config: dict) -> None:
         if wc.hook_dir:
             _hook_started(Path(wc.hook_dir), rank, trainer.nimg)
         trainer.run()
+    except PipelineError:
+        raise                      # a clear message; the driver shows it as is
+    except Exception:
+        # Ray hands the driver at most 1000 characters of a worker's traceback: write it whole to
+        # stderr, which reaches the driver through log_to_driver at every verbosity (not print():
+        # Ray Train turns a worker's print into an INFO log record).
+        sys.stderr.write(f"training worker rank {rank} failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -301,26 +395,21 @@ def choose_run_name(storage: str, family: str, run_name: str | None, resume: boo
     return name
 
 
-def _connect(rp: RayParams) -> bool:
-    """Join rp.address, or start a light local Ray. True when this call started Ray."""
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return False
-    runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
-    address = rp.address or os.environ.get("RAY_ADDRESS") or None
-    try:
-        if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        else:
-            ray.init(num_cpus=rp.num_cpus or os.cpu_count() or 1, num_gpus=None if rp.use_gpu else 0,
-                     include_dashboard=rp.include_dashboard, dashboard_host="127.0.0.1",
-                     object_store_memory=rp.object_store_mb * 1024 * 1024, runtime_env=runtime_env)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise PipelineError(f"cannot start or join {where}: {str(err)[:300]}. Check the address "
-                            "(`ray status`), or drop --address / RAY_ADDRESS to train on local Ray.") from None
-    return True
+class PipelineTorchTrainer(TorchTrainer):
+    """TorchTrainer without Ray Train's PlacementGroupCleaner, a detached actor each fit() starts to
+    remove the run's placement group should the Train controller die while the driver lives on.
+
+    Why leave it out: it is one more Python process per fit() (seconds of start-up on a small
+    machine); it asks the State API, which needs the Ray dashboard (off here), so it logs a warning
+    every health-check interval (the 65 "Failed to query Ray Train Controller actor state" lines of
+    issue 14) or, with several Ray instances on the machine, its thread dies with a traceback; and
+    our driver is a short-lived CLI process: the job's placement groups go when it exits.
+    If Ray renames the callback this filter keeps it (and only the cost comes back).
+    """
+
+    def _create_default_callbacks(self):
+        return [cb for cb in super()._create_default_callbacks()
+                if type(cb).__name__ != "PlacementGroupCleanerCallback"]
 
 
 def _check_resources(rp: RayParams) -> int:
@@ -348,12 +437,13 @@ def _failure_message(err: Exception, run_name: str, run_dir: str) -> str:
             seen = getattr(seen, "cause", None) or seen.__cause__
     first = next(iter(sorted(failures.items())), None)
     why = f"worker {first[0]}: {type(first[1]).__name__}: {str(first[1])[-400:]}" if first else str(err)[-400:]
-    return (f"training failed ({why}). Checkpoints are in {run_dir}; continue with "
-            f"`pipeline train --resume --run-name {run_name}` once the cause is fixed.")
+    return (f"training failed ({why}). The worker's full traceback is above. Checkpoints are in {run_dir}; "
+            f"continue with `pipeline train --resume --run-name {run_name}` once the cause is fixed.")
 
 
 def _deliver(result, out_dir: Path) -> Path:
-    """Copy the final checkpoint (the engine's final files) to out_dir, atomically."""
+    """Copy the final checkpoint (the engine's final files) to out_dir, atomically, with the
+    per-tick loss curves as a TSV beside them (loss_curves.tsv, DVC's plot of the run)."""
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise TrainingError("training ended without a final checkpoint; see the worker log above.")
@@ -366,7 +456,20 @@ def _deliver(result, out_dir: Path) -> Path:
             for item in src.iterdir():
                 if not item.name.startswith("."):
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            history = load_checkpoint(tmp).get("history") or []
+            (tmp / LOSS_CURVES_TSV).write_text(loss_curves_tsv(history))
     return out_dir
+
+
+def loss_curves_tsv(history: list[dict]) -> str:
+    """One row per tick: kimg, then every loss the family reports (`D/...`, `G/...`), in a fixed
+    column order; a value a tick lacks is empty."""
+    columns = sorted({k for row in history for k in row if k.startswith(("D/", "G/"))})
+    lines = ["\t".join(["kimg", *columns])]
+    for row in history:
+        kimg = row.get("kimg", row.get("nimg", 0) / 1000)
+        lines.append("\t".join([f"{kimg:.4g}", *(f"{row[c]:.6g}" if c in row else "" for c in columns)]))
+    return "\n".join(lines) + "\n"
 
 
 def train_job(params: Params, family: str, data_dir: Path, out_dir: Path) -> TrainJob:
@@ -380,7 +483,8 @@ def train_job(params: Params, family: str, data_dir: Path, out_dir: Path) -> Tra
 def launch_training(params: Params, family: str, data_dir: Path, out_dir: Path, ray_overrides: dict,
                     resume: bool, run_name: str | None, dvc_stage: str | None) -> dict:
     """Train `family` on Ray Train; write models/<family>/; log to MLflow. Returns a summary dict:
-    run_name, run_dir, out_dir, metrics (last tick), mlflow_run_id, worker_nodes, world_size, seconds.
+    run_name, run_dir, out_dir, metrics (last tick), mlflow_run_id, worker_nodes, world_size, seconds,
+    ray (where it ran), ray_connect_s (starting or joining Ray). Prints only the progress display.
     """
     start = time.perf_counter()
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
@@ -403,29 +507,40 @@ def launch_training(params: Params, family: str, data_dir: Path, out_dir: Path, 
                                       dvc_stage, common.register_model,
                                       tags={"ray.storage_path": storage, "ray.address": rp.address or "local"})
 
-    started = _connect(rp)
+    from pipeline.cluster import connect
+
+    t_connect = time.perf_counter()
+    started, where = connect(rp.address, num_cpus=rp.num_cpus, use_gpu=rp.use_gpu,
+                             object_store_mb=rp.object_store_mb, include_dashboard=rp.include_dashboard)
+    ray_s = time.perf_counter() - t_connect
     try:
         nodes = _check_resources(rp)
         hook_dir = os.environ.get(HOOK_ENV) or None
+        progress_key = f"train/{launch_id}"
         worker = WorkerConfig(job=job, use_gpu=rp.use_gpu, run_name=run_name, launch_id=launch_id, tracking=plan,
-                              cluster_nodes=nodes, hook_dir=hook_dir)
+                              cluster_nodes=nodes, hook_dir=hook_dir, progress_key=progress_key)
         resources = {"CPU": rp.cpus_per_worker, **({"GPU": rp.gpus_per_worker} if rp.use_gpu else {})}
-        trainer = TorchTrainer(
+        trainer = PipelineTorchTrainer(
             _worker_loop,
             train_loop_config={"worker": worker},
             scaling_config=ScalingConfig(num_workers=rp.num_workers, use_gpu=rp.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=run_name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=common.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=rp.checkpoints_to_keep)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=rp.checkpoints_to_keep),
+                                 logging_config=LoggingConfig(log_level="INFO" if console.verbose() else "ERROR")),
         )
-        print(f"train {family}: run '{run_name}' ({'resumed' if resume else 'new'}), {rp.num_workers} worker(s) "
-              f"x {rp.cpus_per_worker:g} CPU{' + GPU' if rp.use_gpu else ''} on {nodes} node(s); "
-              f"checkpoints in {run_dir}; MLflow {plan.uri} experiment {plan.experiment}", flush=True)
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError as err:
-            raise TrainingError(_failure_message(err, run_name, run_dir)) from None
+        label = f"train {family}"
+        with console.progress(label, total=common.kimg, unit="kimg", precision=2) as bar:
+            bar.update(note=f"starting {rp.num_workers} Ray Train worker(s)")
+            watch = ProgressWatch(progress_key, bar, label)
+            watch.start()
+            try:
+                result = trainer.fit()
+            except ray.train.TrainingFailedError as err:
+                raise TrainingError(_failure_message(err, run_name, run_dir)) from None
+            finally:
+                watch.close()
         _deliver(result, out_dir)
         final = dict(result.metrics or {})
     finally:
@@ -436,11 +551,11 @@ def launch_training(params: Params, family: str, data_dir: Path, out_dir: Path, 
                "metrics": {k: v for k, v in final.items() if k not in reserved},
                "mlflow_run_id": final.get("mlflow_run_id"), "worker_nodes": final.get("worker_nodes", []),
                "world_size": final.get("world_size"), "ray_reports": final.get("ray_reports"),
-               "ray_report_seconds": final.get("ray_report_seconds"),
+               "ray_report_seconds": final.get("ray_report_seconds"), "ray": where, "ray_connect_s": ray_s,
+               "num_workers": rp.num_workers, "nodes": nodes, "resumed": resume,
                "seconds": time.perf_counter() - start}
-    print(f"train {family}: done in {summary['seconds']:.1f} s -> {out_dir}"
-          + (f" (MLflow run {summary['mlflow_run_id']})" if summary["mlflow_run_id"] else ""), flush=True)
     return summary
 
 
-__all__ = ["launch_training", "choose_run_name", "ray_params", "RayReporter", "WorkerConfig", "HOOK_ENV"]
+__all__ = ["launch_training", "choose_run_name", "ray_params", "RayReporter", "WorkerConfig", "HOOK_ENV",
+           "loss_curves_tsv", "progress_note", "LOSS_CURVES_TSV"]
