@@ -198,3 +198,79 @@ def test_multi_page_tiff_uses_its_first_page(tmp_path):
     stats = _prepare(tmp_path, root, resolution=20, channels=1)
     assert int(decode(_rows(tmp_path)["normal/stack.tif"]["image_png"]).max()) == 40
     assert f"{tif} (2 frames)" in _note(stats, "multi-frame")
+
+
+# --------------------------------------------------------------------------- the sweep: other real-folder troubles
+
+def test_masks_saved_with_another_extension_or_case_are_masks(tmp_path):
+    root = make_folder_dataset(tmp_path / "src")
+    for i in range(4):                                   # the default pattern says s<i>_mask.png
+        (root / "scratch" / f"s{i}_mask.png").rename(root / "scratch" / f"s{i}_mask.PNG")
+    (root / "scratch" / "s3_mask.PNG").unlink()
+    Image.fromarray(square_mask()).save(root / "scratch" / "s3_mask.jpg", quality=70)
+    stats = _prepare(tmp_path, root)
+    rows = _rows(tmp_path)
+    assert sorted(r for r in rows if r.startswith("scratch/")) == [f"scratch/s{i}.png" for i in range(4)]
+    assert all(rows[f"scratch/s{i}.png"]["has_mask"] for i in range(4))
+    expected = np.asarray(Image.fromarray(square_mask()).resize((16, 16), Image.NEAREST)) > 0
+    assert np.array_equal(decode(rows["scratch/s3.png"]["mask_png"]) > 0, expected)     # JPEG noise thresholded
+    assert "scratch/s3_mask.jpg for s3_mask.png" in _note(stats, "4 mask(s) found with another image extension")
+
+
+def test_links_hidden_files_nested_folders_and_odd_names(tmp_path):
+    rng = np.random.default_rng(5)
+    root = make_folder_dataset(tmp_path / "src")
+    elsewhere = tmp_path / "batch2"
+    save(elsewhere / "b.png", rand_image(rng))
+    (root / "scratch" / "batch2").symlink_to(elsewhere, target_is_directory=True)      # followed
+    (root / "scratch" / "loop").symlink_to(root / "scratch", target_is_directory=True)  # read once
+    (root / "scratch" / "dangling.png").symlink_to(tmp_path / "gone.png")               # broken
+    (root / "scratch" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    save(root / "scratch" / "._s0.png", rand_image(rng))                                 # AppleDouble
+    save(root / "scratch" / "line 1" / "tag 2" / "ünï 名前.png", rand_image(rng))
+    (root / "spot" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    raw = bytes(root / "spot") + b"/caf\xe9.png"                                          # not UTF-8
+    with open(raw, "wb") as fh:
+        Image.fromarray(rand_image(rng)).save(fh, format="PNG")
+    stats = _prepare(tmp_path, root)
+    rows = _rows(tmp_path)
+    assert {"scratch/batch2/b.png", "scratch/line 1/tag 2/ünï 名前.png", "spot/caf\\xe9.png"} <= set(rows)
+    assert not [r for r in rows if "loop/" in r or "/._" in r or "DS_Store" in r]
+    assert stats["images"]["by_class"]["scratch"]["total"] == 6
+    [skip] = stats["skipped"]
+    assert skip["path"] == str(root / "scratch" / "dangling.png") and "broken link" in skip["reason"]
+    assert "spot/Thumbs.db" in _note(stats, "non-image file(s) ignored")
+
+
+def _rgba(background_rgb, stroke_rgba):
+    a = np.zeros((20, 20, 4), np.uint8)
+    a[..., :3] = background_rgb                          # alpha 0: transparent
+    a[5:12, 5:12] = stroke_rgba
+    return a
+
+
+@pytest.mark.parametrize("mask", [
+    _rgba((255, 255, 255), (255, 0, 0, 255)),            # red strokes on a transparent white layer
+    _rgba((0, 0, 0), (0, 0, 0, 255)),                    # black strokes: only alpha marks them
+    np.where(square_mask() > 0, 255, 0).astype(np.uint16),   # 8-bit values in a 16-bit PNG
+    np.where(square_mask() > 0, 65535, 0).astype(np.uint16),
+], ids=["rgba-white-transparent", "rgba-black-strokes", "16bit-0-255", "16bit-0-65535"])
+def test_mask_encodings(tmp_path, mask):
+    root = make_folder_dataset(tmp_path / "src", n_scratch=3)
+    save(root / "scratch" / "enc.png", rand_image(np.random.default_rng(6)))
+    save(root / "scratch" / "enc_mask.png", mask)
+    _prepare(tmp_path, root, resolution=20)
+    row = _rows(tmp_path)["scratch/enc.png"]
+    assert row["has_mask"] and np.array_equal(decode(row["mask_png"]) > 0, square_mask() > 0)
+
+
+def test_one_picture_saved_in_two_formats_is_one_source(tmp_path):
+    root = make_folder_dataset(tmp_path / "src", n_scratch=6)
+    picture = np.asarray(Image.open(root / "scratch" / "s0.png"))
+    Image.fromarray(picture).save(root / "scratch" / "s0.jpg", quality=90)   # not byte-identical after decoding
+    stats = _prepare(tmp_path, root)
+    rows = _rows(tmp_path)
+    assert rows["scratch/s0.png"]["source_id"] == rows["scratch/s0.jpg"]["source_id"] == "scratch/s0"
+    assert rows["scratch/s0.png"]["split"] == rows["scratch/s0.jpg"]["split"]
+    assert rows["scratch/s0.jpg"]["has_mask"]                                # s0_mask.png serves both
+    _note(stats, "2 image(s) share folder and name")

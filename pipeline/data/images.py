@@ -176,12 +176,26 @@ def to_channels(img: Image.Image, channels: int, notes: Optional[Counter] = None
 
 
 def mask_strength(img: Image.Image) -> np.ndarray:
-    """HxW uint8 "how much defect" of a mask image of any mode (colour masks: brightest channel)."""
+    """HxW uint8 "how much defect" of a mask image of any mode (colour masks: brightest channel).
+
+    16-bit masks holding 8-bit values (0/255 in a 16-bit PNG) are taken as they are, not
+    scaled to near black. A mask that uses transparency (alpha not constant) is a drawing on a
+    transparent layer: its pixels count by colour times alpha (a transparent white background
+    is no defect), or by alpha alone when its strokes are black.
+    """
     mode = img.mode
     if mode in _SIXTEEN_BIT or mode == "I":
-        img = _sixteen_to_eight(img)
+        values = np.asarray(img)
+        img = (Image.fromarray(values.astype(np.uint8)) if values.size and 0 <= values.min() and values.max() <= 255
+               else _sixteen_to_eight(img))
     elif mode == "F":
         img = _float_to_eight(img)
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"))
+        alpha = rgba[..., 3]
+        if alpha.size and alpha.min() < alpha.max():
+            drawn = (rgba[..., :3].max(axis=2).astype(np.uint16) * alpha // 255).astype(np.uint8)
+            return drawn if drawn.any() else alpha
     if img.mode in ("LA", "La"):
         img = img.getchannel(0)
     if img.mode == "L":

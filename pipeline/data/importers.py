@@ -10,6 +10,7 @@ resizes its files and raises `BadInput` for a bad file; `prepare` stops or skips
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -234,19 +235,41 @@ def _root(value: str, key: str, what: str) -> Path:
 
 
 def _rel(path: Path, root: Path) -> str:
+    """`path` relative to `root`, as the text written to ids and stats. A name that is not
+    UTF-8 (archives from other systems) keeps its odd bytes as `\\xe9` escapes."""
     try:
-        return path.relative_to(root).as_posix()
+        rel = path.relative_to(root).as_posix()
     except ValueError:
-        return path.as_posix()
+        rel = path.as_posix()
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _images_in(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under `folder`, recursively, sorted; hidden entries ignored."""
-    imgs, other = [], []
-    for p in sorted(folder.rglob("*")):
-        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
-            continue
-        (imgs if im.is_image_file(p) else other).append(p)
+def _images_in(folder: Path, col: Optional["Collected"] = None) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under `folder`, recursively, sorted; hidden entries ignored.
+
+    Linked folders are followed (a folder reached twice, e.g. by a link back up the tree, is
+    read once); a broken link is a problem in `col` (skipped with its reason), not silence.
+    """
+    imgs, other, seen = [], [], set()
+
+    def walk(d: Path) -> None:
+        real = os.path.realpath(d)
+        if real in seen:
+            return
+        seen.add(real)
+        for entry in sorted(os.scandir(d), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir():
+                walk(path)
+            elif entry.is_file():
+                (imgs if im.is_image_file(path) else other).append(path)
+            elif entry.is_symlink() and col is not None:
+                col.problems.append(BadInput(path, f"is a broken link (to {os.readlink(path)}, which does not exist)",
+                                             "fix the link or remove it"))
+
+    walk(folder)
     return imgs, other
 
 
@@ -301,59 +324,113 @@ def _mask_for(image: Path, pattern: Optional[str], root: Path, class_dir: Path) 
 
 
 def _normpath(p: Path) -> str:
-    import os
-
     return os.path.normpath(str(p))
 
 
+def _mask_key(path: Path) -> str:
+    """A path without its image extension (`x_mask.PNG`, `x_mask.jpg` -> `.../x_mask`): masks
+    are found whatever image extension, in whatever case, they were saved with."""
+    text = _normpath(path)
+    stem, ext = os.path.splitext(text)
+    return stem if ext.lower() in im.IMAGE_EXTS else text
+
+
 def _mask_name_regex(pattern: str) -> re.Pattern:
-    """A regex for the file names `pattern` gives masks (its last path component), capturing
-    stem / name / ext."""
+    """A regex for the names (without image extension, as `_mask_key`) that `pattern` gives
+    masks (its last path component), capturing stem / name."""
     import string
 
     last = pattern.replace("\\", "/").rsplit("/", 1)[-1]
+    fields = list(string.Formatter().parse(last))
+    text, name = fields[-1][0], fields[-1][1]
+    if name == "ext" and text.endswith("."):              # "{stem}_mask.{ext}"
+        fields[-1] = (text[:-1], None, None, None)
+    elif name is None and (ext := next((e for e in im.IMAGE_EXTS if text.lower().endswith(e)), None)):
+        fields[-1] = (text[: -len(ext)], None, None, None)                      # "{stem}_mask.png"
     parts, seen = [], set()
-    for text, name, _, _ in string.Formatter().parse(last):
+    for text, name, _, _ in fields:
         parts.append(re.escape(text))
         if name is None:
             continue
         if name in seen:
             parts.append(f"(?P={name})")
-        elif name in ("stem", "name", "ext"):
+        elif name in ("stem", "name"):
             seen.add(name)
-            parts.append(f"(?P<{name}>{'[^.]+' if name == 'ext' else '.+'})")
+            parts.append(f"(?P<{name}>.+)")
         else:
             parts.append("[^/]+")
     return re.compile("".join(parts) + r"\Z")
 
 
-def _orphan_masks(files: list[Path], owned: set[Path], pattern: Optional[str], root: Path,
-                  class_dir: Path) -> dict[Path, Path]:
-    """{file: the image it would be the mask of} for files named like a mask (by `pattern`) whose
-    image does not exist. Without this they would be imported as defect images.
+class _MaskFinder:
+    """Each image's mask by `prepare.folder.mask_pattern`, in one class folder.
 
-    A file is named like a mask when some image name in one of the class's folders would have
-    it as its mask. A pattern that maps a name onto itself (``{stem}.png`` and a PNG image)
-    cannot tell a lone mask from an image: such files stay images.
+    The pattern's file is used when it exists; otherwise the same name with another image
+    extension or its case (`x_mask.PNG`, `x_mask.jpg` for `{stem}_mask.png`), counted in
+    `other_extension` for a note. A pattern that names the image's own stem (`{stem}.png` for
+    `x.jpg`) takes only its exact file, so an image is never taken for another's mask.
     """
-    if not pattern:
-        return {}
-    regex = _mask_name_regex(pattern)
-    folders = sorted({f.parent for f in files} | {class_dir})
-    orphans = {}
-    for f in files:
-        norm = Path(_normpath(f))
-        if norm in owned or not (m := regex.match(f.name)):
-            continue
-        groups = m.groupdict()
-        stem = groups.get("stem") or Path(groups.get("name") or "").stem
-        name = groups.get("name") or f"{stem}.{groups.get('ext') or 'png'}"
-        for folder in folders:
-            image = folder / name
-            if _normpath(image) != str(norm) and _mask_for(image, pattern, root, class_dir) == norm:
-                orphans[f] = folder / stem
-                break
-    return orphans
+
+    def __init__(self, pattern: Optional[str], root: Path, class_dir: Path):
+        self.pattern, self.root, self.class_dir = pattern, root, class_dir
+        self.other_extension: list[str] = []
+        self._listings: dict[str, dict[str, list[Path]]] = {}
+
+    def expected(self, image: Path) -> Optional[Path]:
+        return _mask_for(image, self.pattern, self.root, self.class_dir)
+
+    def find(self, image: Path) -> Optional[Path]:
+        cand = self.expected(image)
+        if cand is None or _normpath(cand) == _normpath(image):
+            return None
+        if cand.is_file():
+            return cand
+        if _mask_key(cand) == _mask_key(image):
+            return None
+        hits = [h for h in self._listing(cand.parent).get(_mask_key(cand), []) if _normpath(h) != _normpath(image)]
+        if not hits:
+            return None
+        self.other_extension.append(f"{_rel(hits[0], self.root)} for {cand.name}")
+        return hits[0]
+
+    def _listing(self, folder: Path) -> dict[str, list[Path]]:
+        key = _normpath(folder)
+        if key not in self._listings:
+            by_key: dict[str, list[Path]] = {}
+            if folder.is_dir():
+                for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                    if entry.is_file() and not entry.name.startswith("."):
+                        by_key.setdefault(_mask_key(Path(entry.path)), []).append(Path(entry.path))
+            self._listings[key] = by_key
+        return self._listings[key]
+
+    def orphans(self, files: list[Path], owned: set[str]) -> dict[Path, Path]:
+        """{file: the image it would be the mask of} for files named like a mask whose image
+        does not exist. Without this they would be imported as defect images.
+
+        A file is named like a mask when some image name in one of the class's folders would
+        have it as its mask. A pattern that maps a name onto itself (``{stem}.png`` and a PNG
+        image) cannot tell a lone mask from an image: such files stay images.
+        """
+        if not self.pattern:
+            return {}
+        regex = _mask_name_regex(self.pattern)
+        folders = sorted({f.parent for f in files} | {self.class_dir})
+        found = {}
+        for f in files:
+            key = _mask_key(f)
+            if _normpath(f) in owned or not (m := regex.match(os.path.basename(key))):
+                continue
+            groups = m.groupdict()
+            stem = groups.get("stem") or Path(groups.get("name") or "").stem
+            name = groups.get("name") or f"{stem}.png"
+            for folder in folders:
+                image = folder / name
+                expected = self.expected(image)
+                if _mask_key(image) != key and expected is not None and _mask_key(expected) == key:
+                    found[f] = folder / stem
+                    break
+        return found
 
 
 def collect_folder(p) -> Collected:
@@ -369,6 +446,8 @@ def collect_folder(p) -> Collected:
     source_re = re.compile(fp.source_regex) if fp.source_regex else None
     has_normal = False
     normal_with_mask: list[str] = []
+    other_extension: list[str] = []
+    same_stem: list[str] = []
     for d in dirs:
         name = d.name
         if name in fp.normal_names:
@@ -386,18 +465,23 @@ def collect_folder(p) -> Collected:
             cls = name
         if cls in fp.normal_names:
             cls = NORMAL
-        files, other = _images_in(d)
+        files, other = _images_in(d, col)
         _note_other(col.notes, other, root)
-        masks = {m for f in files if (m := _mask_for(f, fp.mask_pattern, root, d)) is not None and m != Path(_normpath(f))}
-        orphans = _orphan_masks(files, masks, fp.mask_pattern, root, d)
+        finder = _MaskFinder(fp.mask_pattern, root, d)
+        mask_of = {f: finder.find(f) for f in files}
+        owned = {_normpath(m) for m in mask_of.values() if m is not None}
+        orphans = finder.orphans(files, owned)
         for f, image in orphans.items():
             col.problems.append(BadInput(f, f"is named like a mask (prepare.folder.mask_pattern "
                                             f"{fp.mask_pattern!r}) but its image {image}.* does not exist; "
                                             "it is not imported as an image",
                                          "add its image, delete the stray mask, or change "
                                          "prepare.folder.mask_pattern"))
-        imgs = [f for f in files if Path(_normpath(f)) not in masks and f not in orphans]
+        imgs = [f for f in files if _normpath(f) not in owned and f not in orphans]
         _require_images(d, imgs, f"class '{cls}'")
+        other_extension += finder.other_extension
+        # x.png and x.jpg in one folder are one picture saved twice: one source, one split.
+        stems = Counter((f.parent, f.stem) for f in imgs)
         if cls == NORMAL:
             has_normal = True
         elif cls not in col.classes:
@@ -405,27 +489,33 @@ def collect_folder(p) -> Collected:
         for f in imgs:
             rel = _rel(f, root)
             sid = rel
+            if stems[(f.parent, f.stem)] > 1:
+                sid = rel[: -len(f.suffix)]
+                same_stem.append(rel)
             if source_re is not None and (m := source_re.search(f.stem)) and m.group(1):
                 sid = m.group(1)
-            mask = _mask_for(f, fp.mask_pattern, root, d)
-            mask = mask if mask is not None and mask != Path(_normpath(f)) and mask.is_file() else None
+            mask = mask_of[f]
             if cls == NORMAL and mask is not None:
                 normal_with_mask.append(rel)
             col.images.append(FileImage(
                 id=rel, label=cls, source_id=sid, source_path=rel, path=f, mask_path=mask,
                 mask_mode="empty" if cls == NORMAL else "file", masks_required=fp.masks_required,
-                mask_hint=str(_mask_for(f, fp.mask_pattern, root, d)) if fp.mask_pattern else
-                "nothing: prepare.folder.mask_pattern is not set"))
+                mask_hint=f"{finder.expected(f)} or that name with another image extension" if fp.mask_pattern
+                else "nothing: prepare.folder.mask_pattern is not set"))
     if not col.classes:
         raise DataError(f"prepare.folder.root: {root} has no defect class folders, only normal ones "
                         f"({', '.join(fp.normal_names)}). Add one folder per defect class.")
     if not has_normal:
         col.notes.append(f"no normal folder (prepare.folder.normal_names: {fp.normal_names}) found: "
                          "the unpaired normal pool is empty")
-    if normal_with_mask:
-        col.notes.append(f"{len(normal_with_mask)} normal image(s) have a mask file, ignored (normal images are "
-                         f"written with an empty mask): {', '.join(normal_with_mask[:5])}"
-                         f"{' ...' if len(normal_with_mask) > 5 else ''}")
+    for files, what in ((normal_with_mask, "normal image(s) have a mask file, ignored (normal images are written "
+                                           "with an empty mask)"),
+                        (other_extension, f"mask(s) found with another image extension than "
+                                          f"prepare.folder.mask_pattern {fp.mask_pattern!r} gives"),
+                        (same_stem, "image(s) share folder and name with an image of another extension "
+                                    "(x.png + x.jpg): each such set is one source, kept in one split")):
+        if files:
+            col.notes.append(f"{len(files)} {what}: {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
     return col
 
 
@@ -443,7 +533,7 @@ def collect_mvtec(p) -> Collected:
         d = root / sub
         if not d.is_dir():
             continue
-        files, other = _images_in(d)
+        files, other = _images_in(d, col)
         _note_other(col.notes, other, root)
         for f in files:
             rel = _rel(f, root)
@@ -452,7 +542,7 @@ def collect_mvtec(p) -> Collected:
     missing_gt = 0
     for d in sorted(x for x in (root / "test").iterdir() if x.is_dir() and x.name != "good"
                     and not x.name.startswith(".")):
-        files, other = _images_in(d)
+        files, other = _images_in(d, col)
         _note_other(col.notes, other, root)
         _require_images(d, files, f"MVTec defect '{d.name}'")
         col.classes.append(d.name)
@@ -485,7 +575,7 @@ def collect_cyclegan(p) -> Collected:
         d = root / sub
         if not d.is_dir():
             continue
-        files, other = _images_in(d)
+        files, other = _images_in(d, col)
         _note_other(col.notes, other, root)
         if sub.startswith("train"):
             _require_images(d, files, f"CycleGAN {sub}")
@@ -655,8 +745,8 @@ def _find_split(root: Path, col: Collected, other: list[Path]) -> list[_Found]:
                             "A/ (clean) and B/ (defective) with matching file names; for side-by-side "
                             "images set prepare.paired.layout: AB, for <id>_temp / <id>_test files in one "
                             "folder set it to suffix.")
-    a_files, other_a = _images_in(a_dir)
-    b_files, other_b = _images_in(b_dir)
+    a_files, other_a = _images_in(a_dir, col)
+    b_files, other_b = _images_in(b_dir, col)
     other += other_a + other_b
     _require_images(a_dir, a_files, "paired A")
     _require_images(b_dir, b_files, "paired B")
@@ -681,8 +771,8 @@ def _find_split(root: Path, col: Collected, other: list[Path]) -> list[_Found]:
     return found
 
 
-def _find_ab(root: Path) -> list[_Found]:
-    files = [f for f in _images_in(root)[0] if _rel(f, root).split("/")[0] != "masks"]
+def _find_ab(root: Path, col: Collected) -> list[_Found]:
+    files = [f for f in _images_in(root, col)[0] if _rel(f, root).split("/")[0] != "masks"]
     _require_images(root, files, "paired AB")
     found = []
     for f in files:
@@ -693,7 +783,7 @@ def _find_ab(root: Path) -> list[_Found]:
 
 def _find_suffix(root: Path, pp, col: Collected) -> list[_Found]:
     """`<id><template_suffix>.<ext>` + `<id><test_suffix>.<ext>` in the same folder (any depth)."""
-    files = [f for f in _images_in(root)[0] if _rel(f, root).split("/")[0] != "masks"]
+    files = [f for f in _images_in(root, col)[0] if _rel(f, root).split("/")[0] != "masks"]
     _require_images(root, files, "paired (suffix layout)")
     roles = (("B", pp.test_suffix, "test"), ("A", pp.template_suffix, "template"))
     groups: dict[str, dict[str, list[Path]]] = {}
@@ -756,7 +846,7 @@ def collect_paired(p) -> Collected:
     if pp.layout == "split":
         found = _find_split(root, col, other)
     elif pp.layout == "AB":
-        found = _find_ab(root)
+        found = _find_ab(root, col)
     else:
         found = _find_suffix(root, pp, col)
 
