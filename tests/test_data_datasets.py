@@ -34,7 +34,8 @@ def test_decode_images_shapes_splits_and_shards(prepared):
     rows = read_rows(prepared)
     train = decode_images(prepared)
     n_train = sum(r["split"] == "train" for r in rows)
-    assert set(train) == {"image", "mask", "label"}
+    assert set(train) == {"image", "mask", "label", "has_mask"}
+    assert train["has_mask"].tolist() == [r["has_mask"] for r in rows if r["split"] == "train"]
     assert train["image"].shape == (n_train, 3, 16, 16) and train["image"].dtype == torch.uint8
     assert train["mask"].shape == (n_train, 1, 16, 16) and train["mask"].dtype == torch.uint8
     assert set(train["mask"].unique().tolist()) == {0, 1}

@@ -245,10 +245,12 @@ def toy_defects(n, g, res=16):
 
 @pytest.mark.slow
 def test_trained_generator_confines_the_mask_to_the_requested_region():
-    # Trained with constant control maps only (as the paper), then asked for a defect inside a box.
+    # Trained with box control maps and the region term (train_control: boxes), then asked for a
+    # defect inside a box it never saw.
     spec = DataSpec(resolution=16, channels=3, classes=("normal", "bright", "dark"))
     torch.manual_seed(0)
-    fam = DefectGAN(tiny_cfg(lr_g=1e-3, lr_d=1e-3, n_critic=1, lambda_cls_fake=5.0, lambda_rec=5.0), spec)
+    fam = DefectGAN(tiny_cfg(lr_g=1e-3, lr_d=1e-3, n_critic=1, lambda_cls_fake=5.0, lambda_rec=5.0,
+                             lambda_sd_con=0.1, train_control="boxes", lambda_region=5.0, mask_bias=-3.0), spec)
     opt_g, opt_d = fam.make_optimizers()
     g = torch.Generator().manual_seed(0)
     for _ in range(400):
@@ -350,3 +352,85 @@ def test_config_validation_and_resolution_check():
     with pytest.raises(PipelineError, match="n_down"):
         DefectGAN(tiny_cfg(n_down=3), DataSpec(resolution=8, channels=3, classes=("normal", "a")))
     assert DefectGAN.data_kind == "unpaired" and DefectGAN.name == "defectgan"
+
+
+# ---- beyond the paper: spatial training control, region term, restoration masks, mask bias ------------
+
+def test_random_boxes_and_jittered_masks_are_regions_of_the_asked_size():
+    from pipeline.models.defectgan import jitter_masks, random_boxes
+    torch.manual_seed(0)
+    boxes = random_boxes(64, (32, 32), 0.25, 0.5, "cpu")
+    for box in boxes[:, 0]:
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert 8 <= h <= 16 and 8 <= w <= 16
+        assert box.sum() == h * w                                   # one filled rectangle
+    mask = torch.zeros(4, 1, 32, 32)
+    mask[:, :, 10:12, 4:20] = 1                                    # a thin horizontal crack
+    out = jitter_masks(mask)
+    assert out.shape == mask.shape and set(out.unique().tolist()) == {0.0, 1.0}
+    # Dilated by 1 px: a 2 x 16 line becomes 4 x 18 (flips and shifts keep its shape).
+    assert all(o.sum() == 4 * 18 for o in out)
+
+
+def test_masks_control_takes_class_and_region_from_the_batchs_real_defects(tiny_spec):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(train_control="masks", region_min=0.5, region_max=0.75), tiny_spec)
+    batch = unpaired_batch(tiny_spec)
+    batch["mask_b"][:, :, 7:9, 5:11] = 1                           # a 2 x 6 line (shifts stay inside)
+    batch["has_mask_b"] = torch.tensor([True, True, True, True])
+    fakes = fam.forward_g(batch)
+    region = fakes["region"]
+    assert set(fakes["target"].tolist()) <= set(batch["label_b"].tolist())
+    assert all(r.sum() == 4 * 8 for r in region)                   # the line, dilated by 1 px
+    batch["has_mask_b"] = torch.zeros(4, dtype=torch.bool)           # no known masks: boxes
+    boxes = fam.forward_g(batch)["region"]
+    assert all(r[0].any(1).sum() >= 8 and r[0].any(0).sum() >= 8 for r in boxes)   # boxes, >= half a side
+
+
+def test_region_and_mask_supervision_terms_hand_computed(tiny_spec):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(train_control="boxes", lambda_region=3.0, lambda_mask_sup=2.0,
+                             lambda_defect_rec=4.0), tiny_spec)
+    fam.G = HandSetG()          # f = 0; m = 0.25 where A asks for a defect, 0.75 where it asks for normal
+    batch = unpaired_batch(tiny_spec)
+    batch["mask_b"][:2, :, 4:8, 4:8] = 1
+    batch["has_mask_b"] = torch.tensor([True, True, False, False])
+    fakes = fam.forward_g(batch)
+    R = fakes["region"]
+    loss, stats = fam.g_loss(batch, fakes)
+    # Defacement: m_d = 0.75 outside R. Defacing back: b's region is its dilated mask (6 x 6 at
+    # rows/cols 3..8) where known, the whole image otherwise, so m_b^ = 0.75 outside that.
+    grown = torch.zeros(4, 1, 16, 16)
+    grown[:2, :, 3:9, 3:9] = 1
+    grown[2:] = 1
+    expected_region = 0.75 * (1 - R).mean() + 0.75 * (1 - grown).mean()
+    assert stats["G/region"] == pytest.approx(expected_region.item(), rel=1e-5)
+    # Mask supervision on the two known defects: m_r = 0.75 everywhere (normal asked everywhere);
+    # m_b^ = 0.25 inside the dilated mask, 0.75 outside.
+    t = batch["mask_b"][:2]
+    bce = lambda m, y: -(y * torch.log(m) + (1 - y) * torch.log(1 - m)).mean()   # noqa: E731
+    m_bh = 0.25 * grown[:2] + 0.75 * (1 - grown[:2])
+    expected_sup = bce(torch.full_like(t, 0.75), t) + bce(m_bh, t)
+    assert stats["G/mask_sup"] == pytest.approx(expected_sup.item(), rel=1e-5)
+    # f = 0: r = 0.25 b, b^ = 0.75 r = 0.1875 b inside the mask, so |b^ - b| = 0.8125 |b| there.
+    b = batch["b"][:2]
+    expected_defect = (0.8125 * (b.abs().mean(1, keepdim=True) * t).sum(dim=(1, 2, 3)) / 16).mean()
+    assert stats["G/defect_rec"] == pytest.approx(expected_defect.item(), rel=1e-5)
+    c = fam.cfg
+    paper = (stats["G/adv"] + c.lambda_cls_fake * stats["G/cls"] + c.lambda_rec * stats["G/rec"]
+             + c.lambda_sd_cyc * stats["G/sd_cyc"] + c.lambda_sd_con * stats["G/sd_con"])
+    assert loss.item() == pytest.approx(paper + 3.0 * expected_region.item() + 2.0 * expected_sup.item()
+                                        + 4.0 * expected_defect.item(), rel=1e-5)
+
+
+def test_paper_control_has_no_region_and_mask_bias_starts_small(tiny_spec):
+    torch.manual_seed(0)
+    paper = DefectGAN(tiny_cfg(), tiny_spec)
+    batch = unpaired_batch(tiny_spec)
+    fakes = paper.forward_g(batch)
+    assert "region" not in fakes and "G/region" not in paper.g_loss(batch, fakes)[1]
+    assert 0.3 < fakes["m_d"].mean() < 0.7                          # bias 0: m starts near 0.5
+    torch.manual_seed(0)
+    biased = DefectGAN(tiny_cfg(mask_bias=-3.0), tiny_spec)
+    assert biased.forward_g(batch)["m_d"].mean() < 0.15              # sigmoid(-3) = 0.047

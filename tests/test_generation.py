@@ -325,3 +325,20 @@ def test_filter_drops_and_extra_rounds(models, prepared, tmp_path, ray_session):
     assert result["rounds"] == 2 and result["dropped"] == result["generated"] > 4
     assert not result["complete"] and result["shortfall"] == {"scratch": 2, "spot": 2}
     assert pq.read_table(out / SAMPLES_FILE).num_rows == 0
+
+
+def test_real_masks_placement_takes_a_jittered_mask_of_the_requested_class():
+    res = 16
+    line = np.zeros((1, res, res), np.uint8)
+    line[0, 7, 4:12] = 1                                              # class 1: a 1 x 8 line
+    blob = np.zeros((1, res, res), np.uint8)
+    blob[0, 6:9, 6:9] = 1                                             # class 2: a 3 x 3 blob
+    placement = P.Placement("real_masks", res, 0.25, 0.5, class_masks={1: line, 2: blob})
+    seeds, indices = np.array([11, 12, 13, 14]), np.arange(4)
+    regions = placement.regions(seeds, indices, np.array([1, 2, 1, 3]))
+    assert regions[0].sum() == 3 * 10 and regions[2].sum() == 3 * 10   # the line, dilated by 1 px, inside
+    assert regions[1].sum() == 5 * 5                                    # the blob, dilated
+    box = regions[3]                                                    # class 3 has no mask: a box
+    assert box.sum() == box.any(1).sum() * box.any(0).sum() >= 4 * 4
+    again = placement.regions(seeds, indices, np.array([1, 2, 1, 3]))
+    assert np.array_equal(regions, again)                               # a pure function of the seed

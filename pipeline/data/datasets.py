@@ -6,6 +6,7 @@
     decode_pairs(dir, split="train", shard=(0, 1)) -> {"a", "b": uint8 (N,C,H,W), "mask", "label"}
     unpaired_normal_mask(dir, split="train", shard=(0, 1)) -> bool (N,) rows of decode_images in the normal pool
     build_augment(AugmentParams, seed=None) -> albumentations.Compose
+    decode_images(dir, split) -> {"image" (N,C,H,W) uint8, "mask" (N,1,H,W) uint8, "label" (N,), "has_mask" (N,) bool}
     LabelledDataset(dir, split, augment=None)[i] -> (image float (C,H,W) in [-1, 1], mask float (1,H,W) {0,1}, label int)
     PairedDataset(dir, split, augment=None)[i] -> {"a", "b", "mask", "label"}
     UnpairedDataset(dir, split, augment=None, seed=0)[i] -> {"a": normal image, "b": defect image, "label_b", "mask_b"}
@@ -66,11 +67,12 @@ def _read(prepared_dir, name: str, split: Optional[str], columns: list[str],
 
 def decode_images(prepared_dir, split: Optional[str] = "train", shard: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
     """All rows of images.parquet in `split` (None: all splits), rows rank::world of the file order."""
-    cols, info = _read(prepared_dir, mf.IMAGES_FILE, split, ["image_png", "mask_png", "label_idx"], shard)
+    cols, info = _read(prepared_dir, mf.IMAGES_FILE, split, ["image_png", "mask_png", "label_idx", "has_mask"], shard)
     res, ch = int(info["resolution"]), int(info["channels"])
     return {"image": _stack_images(cols["image_png"], ch, res),
             "mask": _stack_masks(cols["mask_png"], res),
-            "label": torch.tensor(cols["label_idx"], dtype=torch.int64).reshape(-1)}
+            "label": torch.tensor(cols["label_idx"], dtype=torch.int64).reshape(-1),
+            "has_mask": torch.tensor(cols["has_mask"], dtype=torch.bool).reshape(-1)}
 
 
 def unpaired_normal_mask(prepared_dir, split: Optional[str] = "train", shard: tuple[int, int] = (0, 1)) -> torch.Tensor:

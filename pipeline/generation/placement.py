@@ -1,11 +1,15 @@
 """Where defects go: the control map (region) handed to `family.synthesize(..., region)`.
 
-Two modes (params `generate.placement`):
-    random  one axis-aligned box per sample, side uniform in [box_min, box_max] x resolution,
-            position uniform over the image; drawn from the sample's own seed, so the box does
-            not depend on which actor or batch the sample lands in.
-    masks   the user's PNG masks (generate.masks_dir) at the data resolution, used in sorted
-            file-name order and cycled by sample index.
+Three modes (params `generate.placement`):
+    random      one axis-aligned box per sample, side uniform in [box_min, box_max] x resolution,
+                position uniform over the image; drawn from the sample's own seed, so the box does
+                not depend on which actor or batch the sample lands in.
+    masks       the user's PNG masks (generate.masks_dir) at the data resolution, used in sorted
+                file-name order and cycled by sample index.
+    real_masks  a real training mask of the requested class (prepared data, has_mask rows), picked
+                by the sample's seed and jittered by it (flips, a shift of up to a quarter of the
+                image, 1 px dilation), as Defect-GAN's `train_control: masks` trains: the defect
+                takes a shape of its class. Classes without a known mask fall back to `random`.
 Regions are uint8 arrays (H, W) in {0, 1}; `to_tensor` stacks them as (B, 1, H, W) float.
 Only Defect-GAN honours the region; other families ignore it (their region_png is still
 written so evaluation can measure mask-in-region).
@@ -77,22 +81,64 @@ def load_user_masks(masks_dir: str | Path | None, resolution: int) -> list[tuple
 class Placement:
     """Turns (sample seed, sample index) into a region. Picklable: it travels to Ray actors."""
 
-    mode: str = "random"                       # "random" | "masks"
+    mode: str = "random"                       # "random" | "masks" | "real_masks"
     resolution: int = 32
     box_min: float = 0.2
     box_max: float = 0.5
     masks: list[np.ndarray] = field(default_factory=list)   # mode "masks": (H, W) {0, 1}
+    class_masks: dict[int, np.ndarray] = field(default_factory=dict)   # "real_masks": label -> (N, H, W)
 
-    def region(self, seed: int, index: int) -> np.ndarray:
+    def region(self, seed: int, index: int, label: int = -1) -> np.ndarray:
         if self.mode == "masks":
             return self.masks[index % len(self.masks)]
         # A different stream from the torch seed of the same sample (placement never shares
         # random numbers with the generator's noise).
-        return random_box(seed ^ 0x5EED_B0C5, self.resolution, self.box_min, self.box_max)
+        stream = seed ^ 0x5EED_B0C5
+        if self.mode == "real_masks" and label in self.class_masks:
+            return jitter_mask(self.class_masks[label], stream)
+        return random_box(stream, self.resolution, self.box_min, self.box_max)
 
-    def regions(self, seeds: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        """(B, H, W) uint8 {0, 1}."""
-        return np.stack([self.region(int(s), int(i)) for s, i in zip(seeds, indices)])
+    def regions(self, seeds: np.ndarray, indices: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """(B, H, W) uint8 {0, 1}; `labels` (the requested classes) matter for real_masks only."""
+        labels = np.full(len(seeds), -1) if labels is None else np.asarray(labels)
+        return np.stack([self.region(int(s), int(i), int(k)) for s, i, k in zip(seeds, indices, labels)])
+
+
+def jitter_mask(masks: np.ndarray, seed: int) -> np.ndarray:
+    """One of `masks` (N, H, W) picked and jittered by `seed`: random flips, a shift of up to a
+    quarter of the image that keeps the mask inside it, dilation by 1 px (as
+    pipeline.models.defectgan.jitter_masks does in training)."""
+    from pipeline.models.defectgan import shift_range
+
+    rng = np.random.default_rng(seed)
+    m = masks[int(rng.integers(0, len(masks)))]
+    if rng.random() < 0.5:
+        m = m[:, ::-1]
+    if rng.random() < 0.5:
+        m = m[::-1, :]
+    h, w = m.shape
+    rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+    (dy0, dy1), (dx0, dx1) = shift_range(rows[0], rows[-1], h), shift_range(cols[0], cols[-1], w)
+    m = np.roll(m, (int(rng.integers(dy0, dy1 + 1)), int(rng.integers(dx0, dx1 + 1))), (0, 1))
+    padded = np.pad(m, 1)
+    grown = np.zeros_like(m)
+    for dy in range(3):
+        for dx in range(3):
+            grown |= padded[dy:dy + h, dx:dx + w]
+    return np.ascontiguousarray(grown, dtype=np.uint8)
+
+
+def real_class_masks(prepared_dir: Path) -> dict[int, np.ndarray]:
+    """label -> (N, H, W) uint8 {0, 1}: the known masks of the prepared training defects."""
+    from pipeline.data.datasets import decode_images
+
+    data = decode_images(prepared_dir, "train")
+    out = {}
+    for label in data["label"].unique().tolist():
+        sel = (data["label"] == label) & data["has_mask"] & (data["mask"].flatten(1).amax(1) > 0)
+        if label > 0 and sel.any():
+            out[int(label)] = (data["mask"][sel, 0] > 0).numpy().astype(np.uint8)
+    return out
 
 
 def to_tensor(regions: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -100,9 +146,15 @@ def to_tensor(regions: np.ndarray, device: str | torch.device = "cpu") -> torch.
     return torch.from_numpy(np.ascontiguousarray(regions)).to(device=device, dtype=torch.float32).unsqueeze(1)
 
 
-def placement_from_params(params, resolution: int) -> Placement:
-    """The Placement `generate.*` params describe (user masks loaded and checked here)."""
+def placement_from_params(params, resolution: int, prepared_dir: Path | None = None) -> Placement:
+    """The Placement `generate.*` params describe (user masks loaded and checked here; real masks
+    read from the prepared data)."""
     if params.placement == "masks":
         masks = [m for _, m in load_user_masks(params.masks_dir, resolution)]
         return Placement("masks", resolution, params.box_min, params.box_max, masks)
+    if params.placement == "real_masks":
+        if prepared_dir is None:
+            raise DataError("generate.placement 'real_masks' needs the prepared dataset (--data).")
+        return Placement("real_masks", resolution, params.box_min, params.box_max,
+                         class_masks=real_class_masks(Path(prepared_dir)))
     return Placement("random", resolution, params.box_min, params.box_max)

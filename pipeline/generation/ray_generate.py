@@ -325,7 +325,7 @@ def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepa
     data_spec = read_spec(prepared_dir)
     family = load_trained(model_dir)          # TrainingError for a missing/corrupt checkpoint
     check_compatible(model_name, model_dir, family.spec, family.name, data_spec, prepared_dir)
-    placement = placement_from_params(params, data_spec.resolution)   # DataError for bad user masks
+    placement = placement_from_params(params, data_spec.resolution, prepared_dir)   # DataError for bad user masks
     normal_ids, pool = read_normals(prepared_dir, params.normal_split)
     classes = output_classes(family.class_conditional, data_spec.classes)
     filtered = applies_filter(family)

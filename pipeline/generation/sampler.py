@@ -114,7 +114,7 @@ class Sampler:
         Returns images (B, H, W, C) uint8, masks (B, H, W) uint8 {0, 1},
         regions (B, H, W) uint8 {0, 1} and mask_fraction (B,) float.
         """
-        regions = self.placement.regions(seeds, indices)
+        regions = self.placement.regions(seeds, indices, labels)
         x = to_unit(normal_u8, self.device)                        # (B, C, H, W)
         r = to_tensor(regions, self.device)                         # (B, 1, H, W)
         y = torch.tensor(np.array(labels, np.int64), device=self.device)

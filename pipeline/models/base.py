@@ -15,7 +15,8 @@ Batches are dicts of tensors, images in [-1, 1], shape (B, C, H, W); which keys 
 on `data_kind`:
     labelled:  image, label (B,) long, mask (B, 1, H, W) in {0, 1}
     paired:    a (clean), b (defective, same surface), mask, label
-    unpaired:  a (normal pool), b (defect pool), label_b, mask_b
+    unpaired:  a (normal pool), b (defect pool), label_b, mask_b, has_mask_b (B,) bool (mask_b is
+               known; an image without a mask has an all-zero mask_b)
 Class index 0 is always `normal`; `DataSpec.classes[k]` names class k.
 """
 
@@ -103,6 +104,11 @@ class GANFamily(nn.Module):
 
     def set_progress(self, cur_nimg: int, total_nimg: int) -> None:
         """Called before each iteration with images shown so far (ProGAN growth/fade-in)."""
+
+    def trains_generator(self) -> bool:
+        """False while the family wants D-only iterations (after `set_progress`; Defect-GAN's
+        optional classifier warm-up). The engine then skips G updates."""
+        return True
 
     def uses_lr_decay(self) -> bool:
         """Whether the engine applies the shared linear lr decay (train.common.lr_decay_start)."""

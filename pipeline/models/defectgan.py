@@ -52,6 +52,9 @@ from pipeline.models.blocks import D_ARCHS, InstanceNorm, cat_channels, class_di
 from pipeline.models.spade import SPADEResBlock, UniformControl
 
 
+TRAIN_CONTROLS = ("uniform", "boxes", "masks")
+
+
 @dataclass
 class Config:
     base_channels: int = 64          # G's first conv width (StarGAN: 64); x2 per down ...
@@ -74,6 +77,36 @@ class Config:
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
+    # ---- beyond the paper: named options, off by default (the paper's method); params.yaml turns
+    # them on for the CPU budget, bench/results/defectgan_ablation.md measures each one.
+    # Training control maps. "uniform" (paper): the target label at every pixel. "boxes": the target
+    # label inside a random box (sides in [region_min, region_max] of the image, as generation
+    # places defects), normal outside. "masks": inside a real defect mask of the target class taken
+    # from the batch (flipped, shifted, dilated by 1 px), a box where the data has no mask.
+    train_control: str = "uniform"
+    region_min: float = 0.2
+    region_max: float = 0.5
+    # E[m (1 - R)] on every defacement mask: the mask stays inside the requested region R (with
+    # uniform control R is the whole image and the term is 0).
+    lambda_region: float = 0.0
+    # Real defects with a known mask supervise the two masks of their cycle: restoration removes
+    # exactly the defect (m_r = mask_b) and defacing the restored image back to its class puts it
+    # exactly there (m_b^ = mask_b): BCE(m_r, mask_b) + BCE(m_b^, mask_b). Pixel masks the paper
+    # does not use; they teach G what each class looks like. BCE, not L1: the L1-optimal answer to
+    # a sparse, uncertain target is 0, i.e. the collapse.
+    lambda_mask_sup: float = 0.0
+    # L1 between b^ and b inside b's known mask, over the mask's area (the image-wide L_rec is
+    # dominated by the background, so on a defect of a few pixels it barely asks for the defect's
+    # appearance): defacing back must repaint the real defect.
+    lambda_defect_rec: float = 0.0
+    # D-only iterations for the first d_warmup_kimg: D's classifier learns the classes from real
+    # images before G is asked to fool it (otherwise L_cls^f carries no class signal and the
+    # sparsity term wins: "change nothing").
+    d_warmup_kimg: float = 0.0
+    # Initial bias of the mask head. 0 (paper code's default init): m starts at 0.5 everywhere, and
+    # the sparsity term then drives the sigmoid into saturation before D's classifier has learned
+    # the classes; a negative bias starts from small masks with a live gradient.
+    mask_bias: float = 0.0
 
     def validate(self, where: str) -> None:
         require(self.d_arch in D_ARCHS, f"{where}.d_arch", f"must be one of {', '.join(D_ARCHS)}, got {self.d_arch!r}.")
@@ -84,6 +117,13 @@ class Config:
                      "lambda_sd_cyc", "lambda_sd_con"):
             require(getattr(self, name) >= 0, f"{where}.{name}", "must be 0 or positive.")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{where}.beta1", "and beta2 must be in [0, 1).")
+        require(self.train_control in TRAIN_CONTROLS, f"{where}.train_control",
+                f"must be one of {', '.join(TRAIN_CONTROLS)}, got {self.train_control!r}.")
+        require(0 < self.region_min <= self.region_max <= 1, f"{where}.region_min",
+                f"and region_max must satisfy 0 < region_min <= region_max <= 1, got "
+                f"{self.region_min}, {self.region_max}.")
+        for name in ("lambda_region", "lambda_mask_sup", "lambda_defect_rec", "d_warmup_kimg"):
+            require(getattr(self, name) >= 0, f"{where}.{name}", "must be 0 or positive.")
 
 
 # --------------------------------------------------------------------------- composition and losses
@@ -109,6 +149,62 @@ def control_map(labels: torch.Tensor, num_classes: int, size: tuple[int, int],
     return A * region + normal * (1 - region)
 
 
+def random_boxes(n: int, size: tuple[int, int], side_min: float, side_max: float, device) -> torch.Tensor:
+    """(n, 1, H, W) {0, 1}: one axis-aligned box per image, each side a uniform fraction in
+    [side_min, side_max] of the image, uniformly placed (global torch RNG)."""
+    h, w = size
+    u = torch.rand(n, 4, device=device)
+    bh = (side_min + (side_max - side_min) * u[:, 0]) * h
+    bw = (side_min + (side_max - side_min) * u[:, 1]) * w
+    bh, bw = bh.round().clamp(1, h), bw.round().clamp(1, w)
+    y0 = (u[:, 2] * (h - bh + 1)).floor()
+    x0 = (u[:, 3] * (w - bw + 1)).floor()
+    rows = torch.arange(h, device=device)[None, :, None]
+    cols = torch.arange(w, device=device)[None, None, :]
+    inside = ((rows >= y0[:, None, None]) & (rows < (y0 + bh)[:, None, None])
+              & (cols >= x0[:, None, None]) & (cols < (x0 + bw)[:, None, None]))
+    return inside[:, None].float()
+
+
+def shift_range(lo: int, hi: int, size: int) -> tuple[int, int]:
+    """Shifts in [-size // 4, size // 4] that keep the span [lo, hi] (and the 1 px its dilation
+    adds) inside [0, size); (0, 0) where the span already touches both borders."""
+    return max(-(size // 4), min(0, 1 - lo)), min(size // 4, max(0, size - 2 - hi))
+
+
+def jitter_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Real masks (n, 1, H, W) {0, 1} made into new regions of the same shape: random horizontal /
+    vertical flips, a random shift of up to a quarter of the image that keeps the mask inside it,
+    dilation by 1 px (a region a little larger than the defect it is shaped like). Global torch
+    RNG. Generation's `placement: real_masks` jitters the same way (placement.jitter_mask)."""
+    n, _, h, w = masks.shape
+    flips = torch.rand(n, 2, device=masks.device) < 0.5
+    out = torch.where(flips[:, 0, None, None, None], masks.flip(-1), masks)
+    out = torch.where(flips[:, 1, None, None, None], out.flip(-2), out)
+    moved = []
+    for o in out:
+        rows, cols = o[0].any(1).nonzero().flatten(), o[0].any(0).nonzero().flatten()
+        if len(rows) == 0:
+            moved.append(o)
+            continue
+        (dy0, dy1), (dx0, dx1) = (shift_range(int(rows[0]), int(rows[-1]), h),
+                                  shift_range(int(cols[0]), int(cols[-1]), w))
+        dy, dx = int(torch.randint(dy0, dy1 + 1, ())), int(torch.randint(dx0, dx1 + 1, ()))
+        moved.append(torch.roll(o, (dy, dx), dims=(-2, -1)))
+    return F.max_pool2d(torch.stack(moved), 3, stride=1, padding=1)
+
+
+def mask_bce(m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of a mask in [0, 1] against a {0, 1} mask (mean over pixels), in fp32
+    (under bf16 autocast log(1 - m) would round away small masks)."""
+    return F.binary_cross_entropy(m.float().clamp(1e-6, 1 - 1e-6), target.float())
+
+
+def region_loss(m: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """E[m (1 - R)]: mask mass outside the requested region R (0 when m stays inside)."""
+    return (m * (1 - region)).mean()
+
+
 def sd_cycle_loss(m_a: torch.Tensor, m_b: torch.Tensor) -> torch.Tensor:
     """Spatial-distribution cycle loss E|m_a - m_b|: restoration must remove what defacement added."""
     return losses.l1(m_a, m_b)
@@ -125,7 +221,8 @@ class DefectGenerator(nn.Module):
     """Encoder -> SPADE ResBlocks (with noise) -> SPADE decoder -> (foreground f, mask m)."""
 
     def __init__(self, channels: int, num_classes: int, base_channels: int = 32, max_channels: int = 256,
-                 n_down: int = 2, n_blocks: int = 4, spade_hidden: int = 32, noise: bool = True):
+                 n_down: int = 2, n_blocks: int = 4, spade_hidden: int = 32, noise: bool = True,
+                 mask_bias: float = 0.0):
         super().__init__()
         self.num_classes = num_classes
         widths = [min(base_channels * 2 ** i, max_channels) for i in range(n_down + 1)]
@@ -145,6 +242,8 @@ class DefectGenerator(nn.Module):
         self.act = act
         self.to_foreground = nn.Conv2d(widths[0], channels, 7, padding=3)
         self.to_mask = nn.Conv2d(widths[0], 1, 7, padding=3)
+        if mask_bias:
+            nn.init.constant_(self.to_mask.bias, mask_bias)
 
     def forward(self, x: torch.Tensor, A: torch.Tensor | UniformControl) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W), A (B, K, H, W) or one class per image -> f (B, C, H, W) in [-1, 1],
@@ -182,7 +281,7 @@ class DefectGAN(GANFamily):
                                 f"divisible by {step} with at least 2 px left at the bottleneck; got "
                                 f"{spec.resolution}. Lower n_down or change prepare.resolution.")
         self.G = DefectGenerator(spec.channels, K, cfg.base_channels, cfg.max_channels, cfg.n_down,
-                                 cfg.n_blocks, cfg.spade_hidden, cfg.noise)
+                                 cfg.n_blocks, cfg.spade_hidden, cfg.noise, cfg.mask_bias)
         self.D = class_discriminator(cfg.d_arch, spec.channels, spec.resolution, cfg.d_base_channels,
                                      cfg.d_layers, K)
 
@@ -198,38 +297,91 @@ class DefectGAN(GANFamily):
         return (torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr_g, betas=betas),
                 torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr_d, betas=betas))
 
+    def set_progress(self, cur_nimg: int, total_nimg: int) -> None:
+        self._nimg = cur_nimg
+
+    def trains_generator(self) -> bool:
+        return getattr(self, "_nimg", 0) >= self.cfg.d_warmup_kimg * 1000
+
     # ---- generator use ----------------------------------------------------------------------
     def translate(self, G: nn.Module, x: torch.Tensor, labels: torch.Tensor,
                   region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(composed image, foreground f, mask m) for target classes `labels` (inside `region`)."""
-        if region is None:     # the training map: the label at every pixel, kept as labels (spade.py)
-            A = UniformControl(labels, self.spec.num_classes)
-        else:
-            A = control_map(labels, self.spec.num_classes, x.shape[-2:], region)
-        f, m = G(x, A)
+        f, m = G(x, self._control(labels, region, x.shape[-2:]))
         return compose(x, f, m), f, m
 
     def _normal_labels(self, n: int, device) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.long, device=device)
 
+    def _control(self, labels: torch.Tensor, region: torch.Tensor | None, size: tuple[int, int]):
+        if region is None:     # the training map: the label at every pixel, kept as labels (spade.py)
+            return UniformControl(labels, self.spec.num_classes)
+        return control_map(labels, self.spec.num_classes, size, region)
+
     def _translate_two(self, first: torch.Tensor, first_labels: torch.Tensor, second: torch.Tensor,
-                       second_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       second_labels: torch.Tensor, first_region: torch.Tensor | None = None,
+                       second_region: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, mask) of two translations in one generator call: every layer of G works per
         sample (instance norm, per-sample noise), so this is the two calls' computation in one.
+        Regions (B, 1, H, W) make that half's control map spatial (None: the label everywhere).
         Returns (first image, first mask, second image, second mask)."""
-        sizes = [first.shape[0], second.shape[0]]
-        out, _, m = self.translate(self.G, torch.cat([first, second]), torch.cat([first_labels, second_labels]))
+        sizes, size = [first.shape[0], second.shape[0]], first.shape[-2:]
+        x = torch.cat([first, second])
+        if first_region is None and second_region is None:
+            A = UniformControl(torch.cat([first_labels, second_labels]), self.spec.num_classes)
+        else:
+            A = torch.cat([control_map(first_labels, self.spec.num_classes, size, first_region),
+                           control_map(second_labels, self.spec.num_classes, size, second_region)])
+        f, m = self.G(x, A)
+        out = compose(x, f, m)
         (out_1, out_2), (m_1, m_2) = out.split(sizes), m.split(sizes)
         return out_1, m_1, out_2, m_2
+
+    # ---- training control maps (train_control; the paper: uniform) ----------------------------
+    def _training_targets(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(target defect class per normal image, region or None) for defacement."""
+        a = batch["a"]
+        n, size, cfg = a.shape[0], a.shape[-2:], self.cfg
+        if cfg.train_control == "uniform":
+            # Random defect class per normal image (1..K-1), from the global RNG.
+            return torch.randint(1, self.spec.num_classes, (n,), device=a.device), None
+        boxes = random_boxes(n, size, cfg.region_min, cfg.region_max, a.device)
+        if cfg.train_control == "boxes":
+            return torch.randint(1, self.spec.num_classes, (n,), device=a.device), boxes
+        # "masks": each normal image takes the class and the (jittered) mask of a real defect of the batch.
+        pick = torch.randint(0, batch["b"].shape[0], (n,), device=a.device)
+        masks = jitter_masks(batch["mask_b"][pick])
+        known = self._known_masks(batch)[pick] & (masks.flatten(1).amax(1) > 0)
+        return batch["label_b"].long()[pick], torch.where(known[:, None, None, None], masks, boxes)
+
+    def _known_masks(self, batch) -> torch.Tensor:
+        """(B,) bool: real defects whose mask is known (batches without the key: none)."""
+        known = batch.get("has_mask_b")
+        if known is None:
+            return torch.zeros(batch["b"].shape[0], dtype=torch.bool, device=batch["b"].device)
+        return known.bool()
+
+    def _restore_region(self, batch) -> torch.Tensor | None:
+        """Where defacing a restored defect back to its class may act: its own dilated mask where
+        known, the whole image otherwise (None with the paper's uniform control)."""
+        if self.cfg.train_control == "uniform":
+            return None
+        grown = F.max_pool2d(batch["mask_b"].float(), 3, stride=1, padding=1)
+        known = self._known_masks(batch)[:, None, None, None]
+        return torch.where(known, grown, torch.ones_like(grown))
 
     # ---- losses ---------------------------------------------------------------------------
     def forward_g(self, batch):
         a, b = batch["a"], batch["b"]
-        # Random defect class per normal image (1..K-1), from the global RNG.
-        target = torch.randint(1, self.spec.num_classes, (a.shape[0],), device=a.device)
+        target, region = self._training_targets(batch)
         # Defacement of a and restoration of b.
-        d, m_d, r, m_r = self._translate_two(a, target, b, self._normal_labels(b.shape[0], b.device))
-        return {"d": d, "m_d": m_d, "r": r, "m_r": m_r, "target": target}
+        d, m_d, r, m_r = self._translate_two(a, target, b, self._normal_labels(b.shape[0], b.device),
+                                             first_region=region)
+        fakes = {"d": d, "m_d": m_d, "r": r, "m_r": m_r, "target": target}
+        if region is not None:
+            fakes["region"] = region
+        return fakes
 
     def _real(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = batch["a"], batch["b"]
@@ -254,20 +406,39 @@ class DefectGAN(GANFamily):
     def g_loss(self, batch, fakes) -> tuple[torch.Tensor, Stats]:
         a, b, label_b = batch["a"], batch["b"], batch["label_b"].long()
         d, m_d, r, m_r, target = fakes["d"], fakes["m_d"], fakes["r"], fakes["m_r"], fakes["target"]
+        region, c = fakes.get("region"), self.cfg
         fake_src, fake_cls = self.D(torch.cat([d, r]))
         adv = losses.g_adversarial("wgan-gp", fake_src)
         cls = losses.classification(fake_cls, torch.cat([target, self._normal_labels(r.shape[0], r.device)]))
         # Cycles: restore the defaced normals; deface the restored defects back to their class.
-        n_hat, m_nh, b_hat, m_bh = self._translate_two(d, self._normal_labels(d.shape[0], d.device), r, label_b)
+        b_region = self._restore_region(batch)
+        n_hat, m_nh, b_hat, m_bh = self._translate_two(d, self._normal_labels(d.shape[0], d.device), r, label_b,
+                                                       second_region=b_region)
         rec = losses.l1(n_hat, a) + losses.l1(b_hat, b)
         sd_cyc = sd_cycle_loss(m_d, m_nh) + sd_cycle_loss(m_r, m_bh)
         sd_con = sd_constraint_loss(m_d, m_nh) + sd_constraint_loss(m_r, m_bh)
-        c = self.cfg
         loss = (adv + c.lambda_cls_fake * cls + c.lambda_rec * rec
                 + c.lambda_sd_cyc * sd_cyc + c.lambda_sd_con * sd_con)
-        return loss, {"G/loss": loss.item(), "G/adv": adv.item(), "G/cls": cls.item(), "G/rec": rec.item(),
-                      "G/sd_cyc": sd_cyc.item(), "G/sd_con": sd_con.item(),
-                      "G/mask_mean": m_d.mean().item(), "G/restore_mask_mean": m_r.mean().item()}
+        stats = {"G/adv": adv.item(), "G/cls": cls.item(), "G/rec": rec.item(),
+                 "G/sd_cyc": sd_cyc.item(), "G/sd_con": sd_con.item(),
+                 "G/mask_mean": m_d.mean().item(), "G/restore_mask_mean": m_r.mean().item()}
+        if region is not None:
+            reg = region_loss(m_d, region) + region_loss(m_bh, b_region)
+            loss = loss + c.lambda_region * reg
+            stats["G/region"] = reg.item()
+            stats["G/mask_in_region"] = ((m_d * region).sum() / m_d.sum().clamp_min(1e-8)).item()
+        known = self._known_masks(batch)
+        if (c.lambda_mask_sup > 0 or c.lambda_defect_rec > 0) and known.any():
+            target_mask = batch["mask_b"][known].float()
+            sup = mask_bce(m_r[known], target_mask) + mask_bce(m_bh[known], target_mask)
+            area = target_mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+            inside = ((b_hat[known] - b[known]).abs().mean(1, keepdim=True) * target_mask).sum(dim=(1, 2, 3))
+            defect_rec = (inside / area).mean()
+            loss = loss + c.lambda_mask_sup * sup + c.lambda_defect_rec * defect_rec
+            stats["G/mask_sup"] = sup.item()
+            stats["G/defect_rec"] = defect_rec.item()
+        stats["G/loss"] = loss.item()
+        return loss, stats
 
     # ---- sampling -------------------------------------------------------------------------
     def _mask_row(self, m: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,8 @@ class BatchSource:
             da, db = self.pools["a"].draw(batch_size), self.pools["b"].draw(batch_size)
             (a,), _ = self._augment([da["image"]], da["mask"])
             (b,), mb = self._augment([db["image"]], db["mask"])
-            batch = {"a": img(a), "b": img(b), "label_b": db["label"].to(device), "mask_b": msk(mb)}
+            batch = {"a": img(a), "b": img(b), "label_b": db["label"].to(device), "mask_b": msk(mb),
+                     "has_mask_b": db["has_mask"].to(device)}
         self.draws += 1
         return batch
 

@@ -248,7 +248,7 @@ class Trainer:
             lr_g, lr_d = self.sched_g.apply(self.nimg), self.sched_d.apply(self.nimg)
             bs = self.family.batch_size(c.batch_size)
             batch = self.source.next(bs, self.device, c.channels_last)
-            train_g = (self.iteration + 1) % self.family.n_critic == 0
+            train_g = (self.iteration + 1) % self.family.n_critic == 0 and self.family.trains_generator()
             if train_g not in self.flops_per_image:
                 # Counted once per kind of iteration (D only / D + G); dispatch-level, exact ops.
                 with CountFlops() as counter:
