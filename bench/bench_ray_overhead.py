@@ -1,109 +1,179 @@
-"""What Ray Train costs on top of the plain engine, for a tiny CycleGAN.
+"""Ray's fixed cost per pipeline stage: local Ray started by the stage vs a running local head.
 
-    .venv/bin/python bench/bench_ray_overhead.py [--kimg 0.4] [--cpus 2]
+    .venv/bin/python bench/bench_ray_overhead.py [--kimg 0.2] [--repeats 1]
 
-Measures, on a local Ray instance started once (its start-up is reported separately):
-  - fit() fixed overhead: wall time of `launch_training` minus the same job trained in-process
-    (same MLflow logging, 1 worker);
-  - per-report overhead: time spent inside ray.train.report per call (checkpoint copy included),
-    measured in the worker;
-  - training throughput (img/s, median over ticks after the first) with 1 and 2 workers.
-Everything (data, MLflow store, Ray storage) lives in a temporary folder.
+Every measured stage runs in a fresh Python process, as under `dvc repro`, in two set-ups:
+  local   no cluster running: the stage starts its own Ray and stops it (`pipeline.cluster.connect`);
+  joined  `pipeline cluster up --nodes 1` ran before: the stage joins that head.
+Per set-up and stage:
+  train     fixed overhead = wall time of `launch_training` (connect, fit(), delivery, shutdown)
+            minus the same job trained in-process by the plain engine with the same MLflow logging;
+            reported with its parts: connect (ray.init), the rest of fit();
+  generate  fixed overhead = connect + time until the first generated batch reaches the driver
+            (actor processes start and load the generator), against the whole stage's wall time.
+Target of issue 14: <= 5 s per stage. Everything (data, MLflow store, Ray storage, cluster state)
+lives in a temporary folder; the cluster is stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                   "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
-    os.environ.setdefault(key, value)
+TINY_CYCLEGAN = {"base_channels": 8, "d_base_channels": 8, "n_blocks": 1, "d_layers": 2}
+TARGET_S = 5.0
 
-TINY_CYCLEGAN = {"base_channels": 8, "d_base_channels": 8, "n_blocks": 1, "n_down": 1, "d_layers": 2}
+
+def _params(root: Path, kimg: float, batch: int):
+    from pipeline.config import Params, from_dict
+
+    return from_dict(Params, {
+        "train": {"common": {"kimg": kimg, "batch_size": batch, "tick_kimg": kimg / 4, "snapshot_ticks": 2},
+                  "cyclegan": TINY_CYCLEGAN},
+        "generate": {"per_class": 8, "batch_size": 8, "num_actors": 1, "cpus_per_actor": 0.5, "max_rounds": 1},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1.0, "storage_path": str(root / "ray")}}, "params")
+
+
+def child(args) -> None:
+    """One stage in this fresh process; prints its timings as JSON on the last line."""
+    root = Path(args.root)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    params = _params(root, args.kimg, args.batch)
+    if args.child == "train":
+        from pipeline.training.ray_train import launch_training
+
+        t0 = time.perf_counter()
+        summary = launch_training(params, "cyclegan", root / "prepared", Path(args.out), {}, False, args.name, None)
+        out = {"wall": time.perf_counter() - t0, "connect": summary["ray_connect_s"], "ray": summary["ray"],
+               "reports": summary["ray_reports"], "report_s": summary["ray_report_seconds"]}
+    else:
+        from pipeline.generation.ray_generate import run_generate
+
+        t0 = time.perf_counter()
+        result = run_generate(params.generate, "cyclegan", Path(args.models), root / "prepared", Path(args.out),
+                              track=False)
+        out = {"wall": time.perf_counter() - t0, "connect": result["ray_connect_s"],
+               "first_batch": result["startup_s"], "ray": result["ray"]}
+    print(json.dumps(out))
+
+
+def run_child(root: Path, env: dict, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--root", str(root), *extra]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise SystemExit(f"child {' '.join(extra)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kimg", type=float, default=0.4)
-    ap.add_argument("--batch", type=int, default=8, help="per worker")
-    ap.add_argument("--cpus", type=int, default=2, help="local Ray CPUs (= max workers at 1 CPU each)")
+    ap.add_argument("--kimg", type=float, default=0.2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per set-up and stage (medians reported)")
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["train", "generate"], help=argparse.SUPPRESS)
+    ap.add_argument("--name", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--models", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
 
+    import pipeline  # noqa: F401  (environment defaults)
     import ray
     import torch
-    from mlflow import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.config import Params, PrepareParams, from_dict, train_params
+    from pipeline import cluster, tracking
+    from pipeline.config import PrepareParams, from_dict
     from pipeline.data.prepare import run_prepare
-    from pipeline.training.loop import TrainJob, train
-    from pipeline.training.ray_train import launch_training
+    from pipeline.training.loop import train
+    from pipeline.training.ray_train import train_job
 
     root = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    data = root / "prepared"
     run_prepare(from_dict(PrepareParams, {"resolution": 16, "synthetic": {
-        "classes": ["scratch", "spot"], "per_class": 12, "normal": 24, "paired": 2}}, "prepare"), data)
+        "classes": ["scratch", "spot"], "per_class": 12, "normal": 24, "paired": 2}}, "prepare"),
+        root / "prepared", quiet=True)
 
-    def params(workers: int, snapshot_ticks: int) -> Params:
-        return from_dict(Params, {
-            "train": {"common": {"kimg": args.kimg, "batch_size": args.batch, "tick_kimg": args.kimg / 8,
-                                 "snapshot_ticks": snapshot_ticks},
-                      "cyclegan": TINY_CYCLEGAN},
-            "ray": {"num_workers": workers, "cpus_per_worker": 1.0, "storage_path": str(root / "ray")}}, "params")
-
-    def tick_rate(run_id: str) -> float:
-        hist = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_metric_history(run_id, "img_per_s")
-        rates = [m.value for m in sorted(hist, key=lambda m: m.step)][1:] or [m.value for m in hist]
-        return statistics.median(rates)
-
+    # In-process reference: the same job and logger, no Ray (the training work itself).
     torch.set_num_threads(1)
-    # In-process reference: the same job, same logger, no Ray.
-    common, cfg = train_params(params(1, 2), "cyclegan")
-    job = TrainJob("cyclegan", common, cfg, data, root / "inproc" / "out", root / "inproc" / "work")
-    plan = tracking.plan_training_run("cyclegan", "inproc", "inproc", job.resolved_config(), data, None, None)
-    t0 = time.perf_counter()
-    train(job, tracking.TrainRunLogger(plan))
-    t_engine = time.perf_counter() - t0
+    job = train_job(_params(root, args.kimg, args.batch), "cyclegan", root / "prepared", root / "inproc")
+    job.work_dir = root / "inproc-work"
+    engine = []
+    for i in range(args.repeats):
+        plan = tracking.plan_training_run("cyclegan", f"inproc{i}", f"inproc{i}", job.resolved_config(),
+                                          root / "prepared", None, None)
+        t0 = time.perf_counter()
+        train(job, tracking.TrainRunLogger(plan))
+        engine.append(time.perf_counter() - t0)
+    t_engine = statistics.median(engine)
 
-    t0 = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
-             log_to_driver=False)
-    t_init = time.perf_counter() - t0
+    state = root / "cluster.json"
+    env = {**os.environ, "PIPELINE_CLUSTER_STATE": str(state), "PIPELINE_RAY_TEMP_DIR": str(root / "rt"),
+           "OMP_NUM_THREADS": "1", "PIPELINE_PROGRESS": "off"}
+    env.pop("RAY_ADDRESS", None)
+    results: dict[str, dict[str, list]] = {}
+    n = 0
+    for setup in ("local", "joined"):
+        if setup == "joined":
+            t0 = time.perf_counter()
+            os.environ.update(PIPELINE_CLUSTER_STATE=str(state), PIPELINE_RAY_TEMP_DIR=str(root / "rt"))
+            cluster.cluster_up(nodes=1, cpus_per_node=os.cpu_count() or 2, object_store_mb=256, quiet=True)
+            cluster_up_s = time.perf_counter() - t0
+        try:
+            for _ in range(args.repeats):
+                n += 1
+                tr = run_child(root, env, "--child", "train", "--kimg", str(args.kimg), "--batch", str(args.batch),
+                               "--name", f"bench-{setup}-{n}", "--out", str(root / f"m{n}" / "cyclegan"))
+                gen = run_child(root, env, "--child", "generate", "--models", str(root / f"m{n}" / "cyclegan"),
+                                "--out", str(root / f"syn{n}"))
+                r = results.setdefault(setup, {})
+                for key, value in {"train_wall": tr["wall"], "train_connect": tr["connect"],
+                                   "train_fixed": tr["wall"] - t_engine, "report_ms": 1000 * tr["report_s"] / tr["reports"],
+                                   "gen_wall": gen["wall"], "gen_connect": gen["connect"],
+                                   "gen_first": gen["first_batch"], "gen_fixed": gen["connect"] + gen["first_batch"]
+                                   }.items():
+                    r.setdefault(key, []).append(value)
+                r["where"] = [tr["ray"]]
+        finally:
+            if setup == "joined":
+                cluster.cluster_down(quiet=True)
 
-    rows = []
-    try:
-        one = launch_training(params(1, 2), "cyclegan", data, root / "m1" / "cyclegan", {}, False, "w1", None)
-        rows.append(("ray.init (local, once per process)", f"{t_init:.1f} s"))
-        rows.append(("in-process engine, same job (1 worker)", f"{t_engine:.1f} s"))
-        rows.append(("fit() wall, 1 worker", f"{one['seconds']:.1f} s"))
-        rows.append(("fit() fixed overhead (wall - engine)", f"{one['seconds'] - t_engine:.1f} s"))
-        rows.append(("per-report overhead (report + checkpoint copy)",
-                     f"{1000 * one['ray_report_seconds'] / one['ray_reports']:.0f} ms x {one['ray_reports']} reports"))
-        rows.append(("img/s, 1 worker (median tick)", f"{tick_rate(one['mlflow_run_id']):.0f}"))
-        if args.cpus >= 2:
-            two = launch_training(params(2, 2), "cyclegan", data, root / "m2" / "cyclegan", {}, False, "w2", None)
-            rows.append(("fit() wall, 2 workers", f"{two['seconds']:.1f} s"))
-            rows.append(("per-report overhead, 2 workers",
-                         f"{1000 * two['ray_report_seconds'] / two['ray_reports']:.0f} ms x {two['ray_reports']} reports"))
-            rows.append(("img/s, 2 workers (median tick)", f"{tick_rate(two['mlflow_run_id']):.0f}"))
-    finally:
-        ray.shutdown()
-
-    print(f"\nRay Train overhead, tiny CycleGAN 16 px, batch {args.batch}/worker, {args.kimg} kimg, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}")
+    med = {s: {k: statistics.median(v) for k, v in r.items() if k != "where"} for s, r in results.items()}
+    rows = [
+        ("train: in-process engine, same job (the work itself)", f"{t_engine:.1f} s", f"{t_engine:.1f} s"),
+        ("train: stage wall (launch_training)", *(f"{med[s]['train_wall']:.1f} s" for s in ("local", "joined"))),
+        ("train: connect (start or join Ray)", *(f"{med[s]['train_connect']:.1f} s" for s in ("local", "joined"))),
+        ("train: fixed overhead (wall - engine)", *(f"{med[s]['train_fixed']:.1f} s" for s in ("local", "joined"))),
+        ("train: per report (report + checkpoint copy)", *(f"{med[s]['report_ms']:.0f} ms" for s in ("local", "joined"))),
+        ("generate: stage wall", *(f"{med[s]['gen_wall']:.1f} s" for s in ("local", "joined"))),
+        ("generate: connect (start or join Ray)", *(f"{med[s]['gen_connect']:.1f} s" for s in ("local", "joined"))),
+        ("generate: until the first batch (actors start, load the model)",
+         *(f"{med[s]['gen_first']:.1f} s" for s in ("local", "joined"))),
+        ("generate: fixed overhead (connect + first batch)", *(f"{med[s]['gen_fixed']:.1f} s" for s in ("local", "joined"))),
+    ]
+    print(f"\nRay fixed cost per stage, tiny CycleGAN 16 px, {args.kimg} kimg, batch {args.batch}, 1 worker; "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}; median of {args.repeats}; "
+          f"`pipeline cluster up` itself took {cluster_up_s:.1f} s (once per session)")
     width = max(len(r[0]) for r in rows)
-    print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name.ljust(width)} | {value} |")
+    print(f"| {'measure'.ljust(width)} | local Ray per stage | joined `pipeline cluster up` head |")
+    print(f"|{'-' * (width + 2)}|---|---|")
+    for name, local, joined in rows:
+        print(f"| {name.ljust(width)} | {local} | {joined} |")
+    for setup in ("local", "joined"):
+        worst = max(med[setup]["train_fixed"], med[setup]["gen_fixed"])
+        verdict = "meets" if worst <= TARGET_S else "misses"
+        print(f"{setup}: worst fixed overhead per stage {worst:.1f} s, {verdict} the {TARGET_S:g} s target")
     print(f"\nreproduce: .venv/bin/python bench/bench_ray_overhead.py --kimg {args.kimg} --batch {args.batch} "
-          f"--cpus {args.cpus}")
+          f"--repeats {args.repeats}")
     print(f"(scratch files in {root})", file=sys.stderr)
 
 

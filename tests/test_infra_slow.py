@@ -8,8 +8,10 @@
    `pipeline train --stage cyclegan --address <head> --num-workers 2` with MLFLOW_TRACKING_URI;
    the run, its loss histories and sample grids are checked through the REST API, the workers
    sat on both nodes; `pipeline cluster down` leaves none of the recorded PIDs alive.
-3. The MLflow UI in headless Chromium: the run page renders the run name and a metric; the
-   screenshot is kept in tests/artifacts/ ($PIPELINE_TEST_ARTIFACTS).
+3. The MLflow UI in headless Chromium: the run page renders the run name, a metric and the
+   shared `pipeline.repro_id` tag; the registered model version page of the trained generator
+   renders its dataset hash and its training run; the screenshots are kept in tests/artifacts/
+   ($PIPELINE_TEST_ARTIFACTS).
 
 System packages: infra/ci-system-packages.sh (postgresql, chromium). Python: psycopg[binary] (psycopg 3).
 """
@@ -319,11 +321,12 @@ def test_two_node_cluster_training_tracked_in_mlflow(workdir, tracking_server):
         assert again.returncode == 2 and "already up" in again.stderr
 
         run_name = f"infra-e2e-{uuid.uuid4().hex[:6]}"
+        repro = f"repro-{uuid.uuid4().hex[:8]}"         # what DVC's process gives every stage of a dvc repro
         train = _run([*PIPELINE, "train", "--stage", FAMILY, "--params", str(params),
                       "--data", str(workdir / "prepared"), "--out", str(workdir / "models" / FAMILY),
                       "--address", address, "--num-workers", "2", "--cpus-per-worker", "1",
                       "--run-name", run_name],
-                     {**env, "MLFLOW_TRACKING_URI": tracking_server.url}, 900, "train")
+                     {**env, "MLFLOW_TRACKING_URI": tracking_server.url, "PIPELINE_REPRO_ID": repro}, 900, "train")
         print(train.stdout[-1500:])
 
         # One run, found through the REST API, with loss histories and sample grids.
@@ -343,7 +346,14 @@ def test_two_node_cluster_training_tracked_in_mlflow(workdir, tracking_server):
         assert (workdir / "models" / FAMILY / "generator_ema.pt").exists()
         # Artifacts went through the server into its artifact root.
         assert list((workdir / "mlflow" / "artifacts").rglob("*.png"))
-        RESULT.update(run_id=run_id, run_name=run_name, experiment_id=exp_id, metric="D/loss")
+        # The shared repro tag, and the generator as a registered model version with its data hash.
+        assert t.get("pipeline.repro_id") == repro, t
+        model, version = t["pipeline.model_version"].split("/")
+        mv = tracking_server.rest("GET", "model-versions/get", params={"name": model, "version": version})
+        mv_tags = {x["key"]: x["value"] for x in mv["model_version"].get("tags", [])}
+        assert mv["model_version"]["run_id"] == run_id and mv_tags["dataset_hash"] == t["dataset_hash"], mv
+        RESULT.update(run_id=run_id, run_name=run_name, experiment_id=exp_id, metric="D/loss", repro=repro,
+                      model=model, version=version, dataset_hash=t["dataset_hash"])
     finally:
         start = time.monotonic()
         down = subprocess.run([*PIPELINE, "cluster", "down"], env=env, capture_output=True, text=True,
@@ -393,6 +403,9 @@ def test_mlflow_run_page_renders_in_chromium(workdir, tracking_server):
     assert f">{RESULT['metric']}<" in html, "the metrics table lists the run's metric"
     assert RESULT["run_id"] in html
 
+    if "repro" in RESULT:                 # the tag that ties the runs of one dvc repro together
+        assert "pipeline.repro_id" in html and RESULT["repro"] in html
+
     shot = workdir / "mlflow-run-page.png"
     res = chromium(url, Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir)), f"--screenshot={shot}")
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
@@ -400,3 +413,15 @@ def test_mlflow_run_page_renders_in_chromium(workdir, tracking_server):
     kept = artifacts_dir() / "mlflow-run-page.png"
     shutil.copy2(shot, kept)
     print(f"\n[ui] run page checked in {time.monotonic() - start:.1f} s; screenshot: {kept}")
+
+    if "model" not in RESULT:
+        pytest.fail("training above did not run, so no registered model version to check in the UI")
+    version_url = f"{tracking_server.url}/#/models/{RESULT['model']}/versions/{RESULT['version']}"
+    page = chromium(version_url, Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir)), "--dump-dom")
+    assert page.returncode == 0, page.stderr[-2000:]
+    assert RESULT["dataset_hash"] in page.stdout, "the version page lists its dataset_hash tag"
+    assert RESULT["run_id"] in page.stdout, "the version page links its training run"
+    shot = workdir / "mlflow-model-version-page.png"
+    res = chromium(version_url, Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir)), f"--screenshot={shot}")
+    assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
+    shutil.copy2(shot, artifacts_dir() / "mlflow-model-version-page.png")

@@ -6,6 +6,7 @@ the killed run and the resumed run must end with exactly its generator weights.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -373,3 +374,83 @@ def test_two_node_cluster_places_ranks_on_both_nodes(workspace, local_ray):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+# --------------------------------------------------------------------------- issue 14: console, plots
+
+def test_loss_curves_tsv_has_a_row_per_tick():
+    from pipeline.training.ray_train import loss_curves_tsv
+
+    history = [{"nimg": 16, "kimg": 0.016, "D/loss": 1.5, "G/loss": 2.25, "lr/G": 1e-3, "img_per_s": 9.0},
+               {"nimg": 32, "kimg": 0.032, "D/loss": 1.25, "G/loss": 2.0, "G/cyc": 0.5}]
+    assert loss_curves_tsv(history).splitlines() == [
+        "kimg\tD/loss\tG/cyc\tG/loss", "0.016\t1.5\t\t2.25", "0.032\t1.25\t0.5\t2"]
+
+
+def test_progress_watch_moves_the_bar_and_names_a_restart(capsys):
+    from pipeline import console
+    from pipeline.training.ray_train import ProgressWatch, progress_figures, progress_note
+
+    tick = {"img_per_s": 95.4, "D/loss": 0.41234, "G/loss": 2.1, "lr/G": 0.1}
+    assert progress_figures(tick) == {"img_per_s": 95.4, "D/loss": 0.41234, "G/loss": 2.1}
+    assert progress_note(tick) == "95 img/s · D 0.412 · G 2.1"
+    bar = console.Progress("train x", total=0.08, unit="kimg", precision=2, mode="off")
+    watch = ProgressWatch("unused", bar, "train x")
+    watch.show({"attempt": "a1", "nimg": 0, "started": True})
+    assert bar.completed == 0 and bar.note == "workers started"
+    watch.show({"attempt": "a1", "nimg": 48, **progress_figures(tick)})
+    assert bar.completed == pytest.approx(0.048) and bar.note == progress_note(tick)
+    assert capsys.readouterr().err == ""
+    watch.show({"attempt": "b2", "nimg": 32, "started": True})      # Ray Train restarted the worker group
+    assert bar.completed == pytest.approx(0.032)
+    assert capsys.readouterr().err == "  train x: Ray Train restarted the workers; resuming from 0.032 kimg\n"
+
+
+def run_cli(args, env_extra, timeout=900):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PIPELINE_VERBOSE")}
+    env.update({"PYTHONUNBUFFERED": "1", "PIPELINE_PROGRESS_INTERVAL_S": "3", **env_extra})
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_training_stage_prints_its_two_lines_and_progress_only(workspace, tmp_path):
+    """Under DVC (DVC_STAGE set) a fresh process: no Ray, Ray Train or MLflow line of their own."""
+    params = write_params(workspace, tmp_path / "params.yaml")
+    out = tmp_path / "models" / FAMILY
+    res = run_cli(["train", "--stage", FAMILY, "--params", str(params), "--data", str(workspace / "prepared"),
+                   "--out", str(out), "--num-workers", "1", "--run-name", unique("quiet"),
+                   "--headline", str(tmp_path / "headline.json")],
+                  {"DVC_STAGE": f"train@{FAMILY}", "PIPELINE_CLUSTER_STATE": str(tmp_path / "no-cluster.json")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = (res.stdout + res.stderr).splitlines()
+    own = [ln for ln in lines if not ln.startswith(f"  train {FAMILY}: ")]      # minus the periodic progress lines
+    assert len(own) == 2, lines
+    assert own[0] == f"▶ train@{FAMILY}  {FAMILY}, 0.08 kimg on 1 Ray Train worker(s)"
+    assert own[1].startswith(f"✓ train@{FAMILY}  0.08 kimg, ") and "local Ray" in own[1]
+    assert json.loads((tmp_path / "headline.json").read_text()).keys() == {"kimg", "img_per_s", "D_loss", "G_loss"}
+    assert (out / "loss_curves.tsv").read_text().splitlines()[0].startswith("kimg\tD/")
+
+    verbose = run_cli(["--verbose", "train", "--stage", FAMILY, "--params", str(params),
+                       "--data", str(workspace / "prepared"), "--out", str(tmp_path / "v" / FAMILY),
+                       "--num-workers", "1", "--run-name", unique("verbose")],
+                      {"PIPELINE_CLUSTER_STATE": str(tmp_path / "no-cluster.json")})
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "Reporting training result" in verbose.stdout + verbose.stderr     # Ray Train's own lines are back
+
+
+@pytest.mark.slow
+def test_a_worker_bug_shows_its_full_traceback(workspace, tmp_path, hook_dir):
+    (hook_dir / "raise").touch()
+    params = write_params(workspace, tmp_path / "params.yaml", max_failures=0)
+    res = run_cli(["train", "--stage", FAMILY, "--params", str(params), "--data", str(workspace / "prepared"),
+                   "--out", str(tmp_path / "out"), "--num-workers", "1", "--run-name", unique("bug")],
+                  {"PIPELINE_CLUSTER_STATE": str(tmp_path / "no-cluster.json")})
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "training worker rank 0 failed:" in text and "Traceback (most recent call last):" in text
+    assert 'raise RuntimeError("injected by the test hook: a worker bug")' in text   # the worker's own frame
+    assert "error: training failed (worker 0: RuntimeError" in text and "--resume" in text

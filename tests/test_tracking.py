@@ -257,3 +257,80 @@ def test_server_drops_mid_run_and_training_finishes(tmp_path, prepared):
             "samples/grid-000000020.png", "samples/grid-000000040.png"}
     finally:
         stop(server["proc"])
+
+
+# --------------------------------------------------------------------------- issue 14: registry, repro id, lineage
+
+def test_repro_id_is_the_dvc_process_of_the_stage(tmp_path, monkeypatch):
+    """Two stage processes under one `dvc` process get the same id; outside DVC there is none."""
+    monkeypatch.delenv(tracking.REPRO_ENV, raising=False)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert tracking.repro_id() is None
+    fake_dvc = tmp_path / "dvc"     # a stand-in named like the real entry point, running two "stages"
+    fake_dvc.write_text(f"#!{sys.executable}\n"
+                        "import os, subprocess, sys\n"
+                        "code = 'from pipeline.tracking import repro_id; print(repro_id())'\n"
+                        "ids = [subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,\n"
+                        "                      env={**os.environ, 'DVC_STAGE': s}).stdout.strip() for s in ('a', 'b')]\n"
+                        "print(os.getpid(), *ids)\n")
+    fake_dvc.chmod(0o755)
+    pid, first, second = subprocess.run([str(fake_dvc)], capture_output=True, text=True, check=True,
+                                        cwd=REPO_ROOT).stdout.split()
+    assert first == second and first.startswith("dvc-") and first.endswith(f"-{pid}")
+    monkeypatch.setenv(tracking.REPRO_ENV, "by-hand-1")
+    assert tracking.repro_id() == "by-hand-1" and tracking.run_context_tags()[tracking.REPRO_TAG] == "by-hand-1"
+
+
+def test_trained_generator_is_a_tagged_model_version_and_lineage_finds_it(store, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv(tracking.REPRO_ENV, "repro-7")
+    out = tmp_path / "final" / "cyclegan"
+    out.mkdir(parents=True)
+    (out / "generator_ema.pt").write_bytes(b"generator weights")
+    p = plan(store)
+    p.experiment, p.register_model = "defect-synth/cyclegan", "defect-synth-test-cyclegan"
+    p.tags.update({"dataset_hash": "d" * 64, tracking.REPRO_TAG: tracking.repro_id(), "family": "cyclegan"})
+    logger = tracking.TrainRunLogger(p)
+    logger.on_start(None, 0)
+    logger.on_end(out, {"D/loss": 1.0}, torch.nn.Linear(2, 2))
+
+    c = client(store)
+    run = c.get_run(logger.run_id)
+    sha = tracking.file_sha256(out / "generator_ema.pt")
+    assert run.data.tags[tracking.GENERATOR_SHA_TAG] == sha
+    (version,) = c.search_model_versions("name = 'defect-synth-test-cyclegan'")
+    assert run.data.tags[tracking.MODEL_VERSION_TAG] == f"defect-synth-test-cyclegan/{version.version}"
+    assert version.run_id == logger.run_id
+    assert {k: version.tags[k] for k in ("dataset_hash", tracking.GENERATOR_SHA_TAG, tracking.REPRO_TAG,
+                                         "train_run_id")} == {"dataset_hash": "d" * 64, tracking.GENERATOR_SHA_TAG: sha,
+                                                              tracking.REPRO_TAG: "repro-7", "train_run_id": logger.run_id}
+
+    # generate, then evaluate: each finds what it used through the files it read.
+    models = tmp_path / "models" / "cyclegan"
+    models.mkdir(parents=True)
+    (models / "generator_ema.pt").write_bytes(b"generator weights")     # delivered byte for byte
+    gen_tags = tracking.lineage_for_model(models)
+    assert gen_tags == {"lineage.generator_sha256": sha, "lineage.train_run_id": logger.run_id,
+                        "lineage.model_version": f"defect-synth-test-cyclegan/{version.version}"}
+    synthetic = tmp_path / "synthetic" / "cyclegan"
+    synthetic.mkdir(parents=True)
+    (synthetic / "manifest.json").write_text('{"model": "cyclegan"}')
+    gen_run = tracking.log_generation({"model": "cyclegan"}, {"generated": 8}, [], tags={
+        **gen_tags, tracking.MANIFEST_SHA_TAG: tracking.file_sha256(synthetic / "manifest.json")})
+    with tracking.stage_tags(tracking.lineage_for_synthetic(tmp_path / "synthetic", ["cyclegan", "stargan"])):
+        eval_run = tracking.log_evaluation({"swd": 0.1}, [])
+    plain_run = tracking.log_evaluation({"swd": 0.2}, [])                  # outside: no lineage tags
+    tags = c.get_run(eval_run).data.tags
+    assert tags["lineage.cyclegan.generate_run_id"] == gen_run
+    assert tags["lineage.cyclegan.train_run_id"] == logger.run_id
+    assert tags["lineage.cyclegan.model_version"] == f"defect-synth-test-cyclegan/{version.version}"
+    assert not any(k.startswith("lineage.stargan") for k in tags)          # no synthetic set: nothing claimed
+    assert tags[tracking.REPRO_TAG] == "repro-7" == c.get_run(gen_run).data.tags[tracking.REPRO_TAG]
+    assert not any(k.startswith("lineage.") for k in c.get_run(plain_run).data.tags)
+
+
+def test_default_registered_model_name_per_family(store, prepared):
+    p = tracking.plan_training_run("cyclegan", "r1", "L9", {"family": "cyclegan"}, prepared, "train@cyclegan", None)
+    assert p.register_model == "defect-synth-cyclegan" and p.tags["dvc_stage"] == "train@cyclegan"
+    assert tracking.plan_training_run("cyclegan", "r2", "L10", {}, prepared, None, "mine").register_model == "mine"

@@ -66,7 +66,8 @@ from pipeline.training.loop import EXPORT_FILE, Reporter, Trainer, TrainJob
 # Test hook: when set, each worker writes <dir>/rank<r>.pid and appends "<pid> <nimg resumed from>"
 # to <dir>/rank<r>.log per attempt; on its first attempt every rank waits after the first checkpoint
 # until <dir>/release exists (or it is killed), so a test can kill a worker process at a known
-# point. Unset in normal use.
+# point; when <dir>/raise exists, every rank raises a RuntimeError (a bug, not a PipelineError)
+# before training. Unset in normal use.
 HOOK_ENV = "PIPELINE_TRAIN_TEST_HOOK_DIR"
 RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"   # Ray Train V2's list of a run's checkpoints
 PROGRESS_NAMESPACE = "defect-synth-progress"       # GCS key-value namespace of the live progress
@@ -304,6 +305,8 @@ def _worker_loop(config: dict) -> None:
                 _resume(trainer, Path(directory))
         if wc.hook_dir:
             _hook_started(Path(wc.hook_dir), rank, trainer.nimg)
+            if (Path(wc.hook_dir) / "raise").exists():
+                raise RuntimeError("injected by the test hook: a worker bug")
         trainer.run()
     except PipelineError:
         raise                      # a clear message; the driver shows it as is
