@@ -535,7 +535,7 @@ class EvaluateParams:
     real_splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["test", "val"])
     per_class: bool = True              # also score each class (fake class k vs real class k)
     feature_batch_size: int = 64        # domain feature network: training and inference batch
-    feature_min_steps: int = 200        # ... and at least this many optimizer steps (small datasets)
+    feature_min_steps: int = 400        # ... and at least this many optimizer steps (measured: features.py)
     swd_projections: int = 512          # random directions (ProGAN: 4 repeats x 128)
     swd_patches_per_image: int = 128    # 7x7 neighbourhoods sampled per image per pyramid level
     kid_subsets: int = 100

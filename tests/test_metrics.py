@@ -309,6 +309,19 @@ def test_class_accuracy_domain_high_for_real_images_of_the_asked_class_low_when_
     assert "class_accuracy_domain ↑" in table and "balanced accuracy" in table
 
 
+def test_domain_net_sampler_draws_minority_classes_as_often_as_the_majority():
+    """90 normals, 8 and 2 defects: each class is about a third of the draws (uniform draws
+    would give 2 % of the rarest class)."""
+    from pipeline.metrics.features import balanced_sampling_weights, draw_balanced
+
+    assert balanced_sampling_weights(np.array([0, 0, 0, 2])).tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    labels = np.array([0] * 90 + [1] * 8 + [2] * 2)
+    idx = draw_balanced(balanced_sampling_weights(labels), 30000, torch.Generator().manual_seed(0)).numpy()
+    share = np.bincount(labels[idx], minlength=3) / len(idx)
+    assert share == pytest.approx([1 / 3, 1 / 3, 1 / 3], abs=0.02)
+    assert len(np.unique(idx[labels[idx] == 2])) == 2          # every minority image is used
+
+
 # --------------------------------------------------------------------------- Inception only from local weights
 
 def test_inception_without_weights_is_a_clear_error(tmp_path):
