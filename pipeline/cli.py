@@ -190,7 +190,7 @@ def downstream(params: Path = ParamsOpt,
     with console.stage(console.stage_name("downstream"), f"defect classifiers with and without {len(models)} "
                                                            "synthetic set(s)") as st, \
             tracking.stage_tags(tracking.lineage_for_synthetic(synthetic, models)):
-        flat = run_downstream(cfg.downstream, cfg.prepare.augment, data, synthetic, out, models=models)
+        flat = run_downstream(cfg.downstream, data, synthetic, out, models=models)
         if headline_dir is not None:
             hl.write_downstream(headline_dir, flat)
         if plot_data is not None:

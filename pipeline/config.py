@@ -558,25 +558,45 @@ class EvaluateParams:
 
 @dataclass
 class DownstreamParams:
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])   # >= 5 for a paired t interval
     shots: list[int] = field(default_factory=lambda: [5, 20])   # real defect images per class
-    epochs: int = 6
     batch_size: int = 32
-    lr: float = 2e-3
-    synthetic_per_class: int = 40
+    lr: float = 3e-3
+    width: int = 16                     # channels of the classifier's first stage (x2, x4 after)
+    # Early stopping, the same rule for every condition: score the val split every eval_every
+    # steps; after min_steps stop once `patience` evaluations in a row did not improve; keep
+    # the best validated weights.
+    eval_every: int = 25
+    patience: int = 4
+    min_steps: int = 100
+    max_steps: int = 1000
+    synthetic_per_class: int = 40       # added images per defect class: synthetic and copy-paste alike
+    # Synthetic + classical augmentation for the synthetic set whose real + synthetic classifiers
+    # scored best on val ("best": one condition, chosen on val) or for every synthetic set ("all").
+    synthetic_classical: Literal["best", "all"] = "best"
+    copy_paste_blend_sigma: float = 1.0   # feathered rim (pixels) of a pasted defect; 0 = hard cut
     # Few-shot caps apply to defect classes only; normal images are plentiful on a real line,
     # so by default every normal training image is kept. True caps normals at the same number.
     cap_normals: bool = False
-    width: int = 32                     # channels of the classifier's first stage (x2, x4 after)
-    min_steps: int = 100                # optimizer steps at least (epochs count passes over the largest set)
-    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: CPU/GPU autocast for the forward pass
+    ci_level: float = 0.95              # paired t interval of the per-seed differences vs real_only
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: CPU autocast for the forward pass
+    # Processes training classifiers in parallel, one torch thread each (0 = one per core).
+    # Does not change any result (every classifier is seeded on its own), so not a DVC param.
+    workers: int = 0
 
     def validate(self, where: str) -> None:
-        positive(self, where, "epochs", "batch_size", "lr", "synthetic_per_class", "width")
+        positive(self, where, "batch_size", "lr", "synthetic_per_class", "width", "eval_every", "patience",
+                 "max_steps")
         require(len(self.seeds) >= 1, f"{where}.seeds", "must list at least one seed.")
-        require(self.min_steps >= 0, f"{where}.min_steps", "must be 0 or more.")
+        require(len(set(self.seeds)) == len(self.seeds), f"{where}.seeds", f"has duplicates: {self.seeds}.")
+        require(0 <= self.min_steps <= self.max_steps, f"{where}.min_steps",
+                f"must be in 0..max_steps ({self.max_steps}), got {self.min_steps}.")
         require(len(self.shots) >= 1, f"{where}.shots", "must list at least one cap.")
         require(all(s > 0 for s in self.shots), f"{where}.shots", "must all be greater than 0.")
+        require(self.copy_paste_blend_sigma >= 0, f"{where}.copy_paste_blend_sigma",
+                f"must be 0 (hard cut) or more pixels, got {self.copy_paste_blend_sigma}.")
+        require(0 < self.ci_level < 1, f"{where}.ci_level", f"must be in (0, 1), got {self.ci_level}.")
+        require(self.workers >= 0, f"{where}.workers", f"must be 0 (one per core) or more, got {self.workers}.")
 
 
 # --------------------------------------------------------------------------- top level

@@ -11,8 +11,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.downstream.run import SYNTH_PREFIX
-from pipeline.fsutil import atomic_dir
+from pipeline.downstream.run import HEADLINE, REFERENCE, SYNTH_PREFIX
+from pipeline.downstream.stats import verdict
+
+TITLES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1"}
 
 
 # --------------------------------------------------------------------------- plots
@@ -23,7 +25,7 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _metric_vs_shots(metrics: dict, shots: list[int], conditions: list[str], name: str, path: Path) -> None:
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6.5, 4))
     ax = fig.add_subplot()
     for cond in conditions:
         mean = [metrics.get(f"shots_{s}/{cond}/{name}_mean", math.nan) for s in shots]
@@ -33,11 +35,36 @@ def _metric_vs_shots(metrics: dict, shots: list[int], conditions: list[str], nam
     ax.set_xscale("log" if len(shots) > 1 and max(shots) / max(min(shots), 1) >= 8 else "linear")
     ax.set_xticks(shots, [str(s) for s in shots])
     ax.set_xlabel("real images per defect class (training cap)")
-    ax.set_ylabel(f"{name.replace('_', '-')} on held-out real test images")
+    ax.set_ylabel(f"{TITLES[name]} on held-out real test images")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{name.replace('_', '-')} vs shots (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{TITLES[name]} vs shots (mean ± std over seeds)")
+    _save(fig, path)
+
+
+def _deltas(metrics: dict, shots: list[int], conditions: list[str], level: float, path: Path) -> None:
+    others = [c for c in conditions if c != REFERENCE]
+    fig = Figure(figsize=(6.5 * len(HEADLINE), 0.9 + 0.35 * max(1, len(others)) * len(shots)))
+    for i, name in enumerate(HEADLINE):
+        ax = fig.add_subplot(1, len(HEADLINE), i + 1)
+        rows, labels = 0, []
+        for s in shots:
+            for cond in others:
+                mean = metrics.get(f"shots_{s}/{cond}/{name}_delta_mean", math.nan)
+                low = metrics.get(f"shots_{s}/{cond}/{name}_delta_ci_low", math.nan)
+                high = metrics.get(f"shots_{s}/{cond}/{name}_delta_ci_high", math.nan)
+                colour = {"helped": "tab:green", "hurt": "tab:red"}.get(verdict(low, high), "tab:gray")
+                err = [[mean - low], [high - mean]] if math.isfinite(low) else None
+                ax.errorbar([mean], [rows], xerr=err, fmt="o", color=colour, capsize=3)
+                labels.append(f"{cond}, {s} shots")
+                rows += 1
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(rows), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+        ax.set_xlabel(f"{TITLES[name]} minus real_only (paired per seed)")
+        ax.set_title(f"{TITLES[name]}: mean difference, {level:.0%} t interval", fontsize=9)
     _save(fig, path)
 
 
@@ -65,24 +92,31 @@ def confusion_name(shots: int, cond: str) -> str:
 
 
 def write_plots(plots_dir: Path, runs: list[dict], metrics: dict, classes: list[str], shots: list[int],
-                conditions: list[str]) -> list[Path]:
-    """Write all PNGs into `plots_dir` (replaced atomically); their final paths."""
+                conditions: list[str], ci_level: float = 0.95) -> list[str]:
+    """Write all PNGs into the (new, empty) folder `plots_dir`; their file names."""
     names = []
-    with atomic_dir(plots_dir) as tmp:
-        for name in ("accuracy", "macro_f1"):
-            _metric_vs_shots(metrics, shots, conditions, name, tmp / f"{name}_vs_shots.png")
-            names.append(f"{name}_vs_shots.png")
-        for s in shots:
-            for cond in conditions:
-                group = [np.asarray(r["confusion"]) for r in runs if r["shots"] == s and r["condition"] == cond]
-                if group:
-                    _confusion(np.sum(group, axis=0), classes,
-                               f"{cond}, {s} shots (summed over {len(group)} seed(s))", tmp / confusion_name(s, cond))
-                    names.append(confusion_name(s, cond))
-    return [Path(plots_dir) / n for n in names]
+    for name in HEADLINE:
+        _metric_vs_shots(metrics, shots, conditions, name, plots_dir / f"{name}_vs_shots.png")
+        names.append(f"{name}_vs_shots.png")
+    if len(conditions) > 1:
+        _deltas(metrics, shots, conditions, ci_level, plots_dir / "delta_vs_real_only.png")
+        names.append("delta_vs_real_only.png")
+    for s in shots:
+        for cond in conditions:
+            group = [np.asarray(r["confusion"]) for r in runs
+                     if r["kind"] == "downstream" and r["shots"] == s and r["condition"] == cond]
+            if group:
+                _confusion(np.sum(group, axis=0), classes,
+                           f"{cond}, {s} shots (summed over {len(group)} seed(s))", plots_dir / confusion_name(s, cond))
+                names.append(confusion_name(s, cond))
+    return names
 
 
 # --------------------------------------------------------------------------- markdown
+
+def _num(v: float, fmt: str = ".3f") -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "–"
+
 
 def _pm(metrics: dict, key: str) -> str:
     mean, std = metrics.get(f"{key}_mean", math.nan), metrics.get(f"{key}_std", math.nan)
@@ -95,38 +129,41 @@ def _rel(target: Path, start: Path) -> str:
     return Path(os.path.relpath(Path(target).absolute(), Path(start).absolute())).as_posix()
 
 
-def verdicts(metrics: dict, shots: list[int], conditions: list[str]) -> tuple[list[str], list[str]]:
-    """(one sentence per synthetic condition and cap, the (condition, shots) where it did not help)."""
-    lines, not_helped = [], []
-    classical = [c for c in ("real_aug", "real_strong_aug") if c in conditions]
-    for cond in [c for c in conditions if c.startswith(SYNTH_PREFIX)]:
-        for s in shots:
-            get = lambda c, m: metrics.get(f"shots_{s}/{c}/{m}", math.nan)  # noqa: E731
-            acc, base = get(cond, "accuracy_mean"), get("real_only", "accuracy_mean")
-            f1, base_f1 = get(cond, "macro_f1_mean"), get("real_only", "macro_f1_mean")
-            if not (math.isfinite(acc) and math.isfinite(base)):
+def interval_text(metrics: dict, key: str) -> str:
+    """'+0.050 [-0.010, +0.110]' for the paired difference stored under `key`_delta_*."""
+    mean = metrics.get(f"{key}_delta_mean", math.nan)
+    low, high = metrics.get(f"{key}_delta_ci_low", math.nan), metrics.get(f"{key}_delta_ci_high", math.nan)
+    if not math.isfinite(mean):
+        return "–"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{mean:+.3f} (one seed: no interval)"
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def verdicts(metrics: dict, shots: list[int], conditions: list[str]) -> dict[str, list[str]]:
+    """{"helped" | "hurt" | "no detectable difference" | ...: ["<condition> at <k> shots", ...]} from the
+    macro-F1 interval; degenerate conditions are listed under "degenerate" instead."""
+    out: dict[str, list[str]] = {}
+    for s in shots:
+        for cond in conditions:
+            if cond == REFERENCE or f"shots_{s}/{cond}/macro_f1_delta_mean" not in metrics:
                 continue
-            d_acc, d_f1 = acc - base, f1 - base_f1
-            spread = max(get(cond, "accuracy_std"), get("real_only", "accuracy_std"))
-            helped = d_acc > 0
-            text = (f"- **{cond}, {s} shots**: accuracy {acc:.3f} vs real only {base:.3f} ({d_acc:+.3f}), "
-                    f"macro-F1 {f1:.3f} vs {base_f1:.3f} ({d_f1:+.3f}): "
-                    + ("helped on average" if helped else "**did not help**"))
-            if math.isfinite(spread) and abs(d_acc) <= spread and spread > 0:
-                text += " (but the difference is within the seed-to-seed spread)"
-            if classical:
-                best = max(classical, key=lambda c: get(c, "accuracy_mean"))
-                best_acc = get(best, "accuracy_mean")
-                verb = "beats" if acc > best_acc else ("only ties" if acc == best_acc else "does not beat")
-                text += f"; it {verb} the best classical augmentation ({best} {best_acc:.3f})"
-            lines.append(text + ".")
-            if not helped:
-                not_helped.append(f"{cond} at {s} shots")
-    return lines, not_helped
+            key = f"shots_{s}/{cond}"
+            if metrics.get(f"{key}/degenerate") or metrics.get(f"shots_{s}/{REFERENCE}/degenerate"):
+                group = "degenerate"
+            else:
+                group = verdict(metrics.get(f"{key}/macro_f1_delta_ci_low", math.nan),
+                                metrics.get(f"{key}/macro_f1_delta_ci_high", math.nan))
+            out.setdefault(group, []).append(f"{cond} at {s} shots")
+    return out
 
 
 def _shift_headings(text: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+
+
+def _cell(metrics: dict, key: str, name: str) -> str:
+    return ("**degenerate** " if metrics.get(f"{key}/degenerate") else "") + _pm(metrics, f"{key}/{name}")
 
 
 def render_summary(*, out_dir: Path, metrics: dict, details: dict[str, Any], plots: list[Path],
@@ -136,53 +173,113 @@ def render_summary(*, out_dir: Path, metrics: dict, details: dict[str, Any], plo
     shots: list[int] = params["shots"]
     conditions = list(details["conditions"])
     n_seeds = len(params["seeds"])
+    level = params["ci_level"]
     test_counts = ", ".join(f"{c} {n}" for c, n in zip(classes, details["test_per_class"]))
-    steps = sorted({r["steps"] for r in details["runs"]})
+    val_counts = ", ".join(f"{c} {n}" for c, n in zip(classes, details["val_per_class"]))
+    down = [r for r in details["runs"] if r["kind"] == "downstream"]
+    steps = [r["steps"] for r in details["runs"]]
+    base = details["majority_baseline"]
     out = ["# Downstream defect classifier: does synthetic data help?", "",
-           f"A small ResNet trained from scratch, scored on the held-out real **test** split ({test_counts}). "
-           f"Training caps the real images of each defect class at the number of shots; normal images are "
-           f"{'capped the same way' if params['cap_normals'] else 'kept uncapped (they are plentiful in practice)'}. "
-           f"Every condition of one (shots, seed) uses the same real subset and the same number of optimizer "
-           f"steps ({', '.join(map(str, steps))}), so extra synthetic images do not also mean extra training. "
-           f"Mean ± std over {n_seeds} seed(s){' (one seed: no spread)' if n_seeds == 1 else ''}.", "",
-           "Conditions:", ""]
+           f"A small CNN trained from scratch per condition and seed, scored on the held-out real **test** split "
+           f"({test_counts}). Training caps the real images of each defect class at the number of shots; normal "
+           f"images are {'capped the same way' if params['cap_normals'] else 'kept uncapped (they are plentiful in practice)'}"
+           f". Every classifier draws its batches class-balanced, is scored on the real **val** split ({val_counts}) "
+           f"every {params['eval_every']} steps, stops after {params['patience']} evaluations without improvement "
+           f"(at least {params['min_steps']}, at most {params['max_steps']} steps; here {min(steps, default=0)}-"
+           f"{max(steps, default=0)}), and keeps its best-on-val weights: the same rule for every condition. Within "
+           f"one (shots, seed) all conditions share the real subset and the initial weights, so conditions are "
+           f"compared as paired per-seed differences against `{REFERENCE}` over {n_seeds} seed(s), with a "
+           f"{level:.0%} t interval; a condition **helped** only where the whole interval is above 0.", "",
+           f"Floor: always predicting the majority class scores accuracy {_num(base['accuracy'])}, balanced "
+           f"accuracy {_num(base['balanced_accuracy'])}, macro-F1 {_num(base['macro_f1'])} on this test split. "
+           "A classifier that predicts one class for every test image is marked **degenerate**: its numbers are "
+           "not a result.", "", "Conditions:", ""]
     out += [f"- `{name}`: {desc}" for name, desc in details["conditions"].items()]
 
     head = "| condition | " + " | ".join(f"{s} shots" for s in shots) + " |"
     rule = "|---|" + "---:|" * len(shots)
-    for metric, title in (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")):
-        out += ["", f"## {title}", "", head, rule]
-        out += [f"| {c} | " + " | ".join(_pm(metrics, f"shots_{s}/{c}/{metric}") for s in shots) + " |"
+    for metric in HEADLINE:
+        out += ["", f"## {TITLES[metric].capitalize()} (mean ± std over seeds)", "", head, rule]
+        out += [f"| {c} | " + " | ".join(_cell(metrics, f"shots_{s}/{c}", metric) for s in shots) + " |"
                 for c in conditions]
 
+    out += ["", f"## Paired difference vs {REFERENCE} (mean [{level:.0%} t interval])", "",
+            "| condition | shots | balanced accuracy | macro-F1 | verdict (macro-F1) |", "|---|---:|---:|---:|---|"]
+    for s in shots:
+        for c in conditions:
+            if c == REFERENCE:
+                continue
+            key = f"shots_{s}/{c}"
+            if f"{key}/macro_f1_delta_mean" not in metrics:
+                continue
+            v = ("degenerate, not a result" if metrics.get(f"{key}/degenerate") or
+                 metrics.get(f"shots_{s}/{REFERENCE}/degenerate") else
+                 verdict(metrics.get(f"{key}/macro_f1_delta_ci_low", math.nan),
+                         metrics.get(f"{key}/macro_f1_delta_ci_high", math.nan)))
+            out.append(f"| {c} | {s} | {interval_text(metrics, key + '/balanced_accuracy')} | "
+                       f"{interval_text(metrics, key + '/macro_f1')} | {v} |")
+
     out += ["", "## Did synthetic data help?", ""]
-    lines, not_helped = verdicts(metrics, shots, conditions)
-    if not lines:
-        out.append("No synthetic set was usable, so only real data and classical augmentation were compared.")
-    else:
-        out += lines + [""]
-        if not_helped:
-            out.append("Synthetic data **did not help** (mean accuracy not above real only) for: "
-                       + ", ".join(not_helped) + ".")
-        else:
-            out.append("Synthetic data raised mean accuracy over real only in every case above; check the "
-                       "spread before trusting small differences.")
+    groups = verdicts(metrics, shots, conditions)
+    synth = {g: [x for x in items if x.startswith(SYNTH_PREFIX)] for g, items in groups.items()}
+    if not any(synth.values()):
+        out.append("No synthetic set was usable, so only real data, classical augmentation and copy-paste "
+                   "were compared.")
+    for group, title in (("helped", "Helped (interval above 0)"), ("hurt", "Hurt (interval below 0)"),
+                         ("no detectable difference", "No detectable difference (interval contains 0)"),
+                         ("degenerate", "Degenerate classifier, not a result"),
+                         ("no interval (one seed)", "One seed, no interval")):
+        if synth.get(group):
+            out.append(f"- {title}: " + ", ".join(synth[group]) + ".")
+    baselines = [x for g, items in groups.items() if g == "helped" for x in items if not x.startswith(SYNTH_PREFIX)]
+    if baselines:
+        out.append(f"- Baselines that helped: {', '.join(baselines)}.")
+
+    degenerate = [r for r in details["runs"] if r["degenerate"]]
+    if degenerate:
+        out += ["", "## Degenerate classifiers", ""]
+        for r in degenerate:
+            where = (f"{r['condition']}, {r['shots']} shots" if r["kind"] == "downstream" else f"CAS {r['model']}")
+            only = ", ".join(classes[c + (0 if r["kind"] == "downstream" else 1)] for c in r["predicted_classes"])
+            out.append(f"- {where}, seed {r['seed']}: predicts only {only}.")
+
+    cas = list(dict.fromkeys(r["model"] for r in details["runs"] if r["kind"] == "cas"))
+    if cas:
+        out += ["", "## Classification accuracy score (CAS: train on synthetic only, test on real)", "",
+                "A classifier of the defect classes trained on one source only, scored on the real test defects "
+                "(Ravuri & Vinyals 2019); `real` trains on all real training defects, the reference. Mean ± std "
+                "over seeds; per-class columns are recalls.", "",
+                "| trained on | accuracy | balanced accuracy | " + " | ".join(classes[1:]) + " |",
+                "|---|---:|---:|" + "---:|" * (len(classes) - 1)]
+        for name in cas:
+            key = f"cas/{name}"
+            flag = " (**degenerate**)" if metrics.get(f"{key}/degenerate") else ""
+            cells = [_num(metrics.get(f"{key}/recall_{c}_mean", math.nan), ".2f") for c in classes[1:]]
+            out.append(f"| {name}{flag} | {_pm(metrics, key + '/accuracy')} | "
+                       f"{_pm(metrics, key + '/balanced_accuracy')} | " + " | ".join(cells) + " |")
 
     out += ["", "## Per-class recall (mean over seeds)", ""]
     for s in shots:
         out += [f"### {s} shots", "", "| condition | " + " | ".join(classes) + " |",
                 "|---|" + "---:|" * len(classes)]
         for c in conditions:
-            cells = []
-            for cls in classes:
-                v = metrics.get(f"shots_{s}/{c}/recall_{cls}_mean", math.nan)
-                cells.append(f"{v:.2f}" if math.isfinite(v) else "–")
+            cells = [_num(metrics.get(f"shots_{s}/{c}/recall_{cls}_mean", math.nan), ".2f") for cls in classes]
             out.append(f"| {c} | " + " | ".join(cells) + " |")
         out.append("")
 
+    out += ["## Training budget", "", "| condition | " + " | ".join(f"{s} shots" for s in shots) + " |", rule]
+    for c in conditions:
+        cells = []
+        for s in shots:
+            group = [r for r in down if r["condition"] == c and r["shots"] == s]
+            cells.append(f"{np.mean([r['n_train'] for r in group]):.0f} images, {np.mean([r['steps'] for r in group]):.0f} steps"
+                         if group else "–")
+        out.append(f"| {c} | " + " | ".join(cells) + " |")
+    out.append("")
+
     out += ["## Plots", ""]
     for p in plots:
-        if p.name.endswith("_vs_shots.png"):
+        if p.name.endswith("_vs_shots.png") or p.name.startswith("delta_"):
             out.append(f"![{p.stem}]({_rel(p, out_dir)})")
     confusions = [p for p in plots if p.name.startswith("confusion_")]
     if confusions:

@@ -1,82 +1,98 @@
 """The downstream stage: does synthetic data help a defect classifier with few real defects?
 
 For each few-shot cap in `downstream.shots` and each seed in `downstream.seeds`, one classifier
-(classifier.py) is trained per condition and scored on the held-out real TEST split:
+(classifier.py: class-balanced, early-stopped on the val split) is trained per condition and
+scored on the held-out real TEST split:
 
-  real_only          the capped real training images, no augmentation
-  real_aug           + the pipeline's train-time augmentation (`prepare.augment` via build_augment)
-  real_strong_aug    + a stronger classical preset: flips, rotate90, brightness/contrast, Affine
-  real_synth_<model> + up to `downstream.synthetic_per_class` synthetic images per defect class
-                     from data/synthetic/<model> (only class-labelled samples, label_idx >= 1;
-                     models that only write "defect" are skipped with a note)
+  real_only                   the capped real training images
+  real_classical              + the strong classical preset (flips, rotate90, brightness /
+                              contrast, affine; augment.py) applied on the fly
+  real_copy_paste             + `synthetic_per_class` copy-paste images per defect class: real
+                              training defects cut by their masks, flipped, rotated, placed at
+                              random and blended onto real normal training images (copy_paste.py);
+                              skipped, with a note, where the data has no defect masks
+  real_synth_<model>          + up to `synthetic_per_class` synthetic images per defect class
+                              from data/synthetic/<model> (class-labelled samples, label_idx >= 1;
+                              models that only write "defect" are skipped with a note)
+  real_synth_<model>_classical  the same images with the strong classical preset on top: for the
+                              model whose real_synth_<model> classifiers scored best on val
+                              (`synthetic_classical: best`, default) or for every model ("all")
+
+Fidelity: the classification accuracy score (CAS, Ravuri & Vinyals 2019): per seed, a
+classifier of the defect classes trained on one model's synthetic defects only, scored on the
+real test defects, per class; `cas/real` trains on the real training defects (all of them) as
+the reference. Needs >= 2 defect classes.
 
 Fairness rules:
   * The cap applies to DEFECT classes: at most `shots` real images per defect class, drawn with
     the run's seed. Normal images are kept uncapped by default (on a production line they are
-    plentiful); `downstream.cap_normals: true` caps them at `shots` too.
-  * Within one (shots, seed) every condition sees the same real subset and the same number of
-    optimizer steps: max(epochs x ceil(largest condition's training set / batch_size),
-    min_steps). More images (synthetic) therefore never also means more training.
-  * The test split is never used for anything but scoring.
+    plentiful); `downstream.cap_normals: true` caps them at `shots` too. Class-balanced sampling
+    keeps the uncapped normals from swamping the defects.
+  * Within one (shots, seed) every condition sees the same real subset and starts from the same
+    initial weights; every classifier trains under the same early-stopping rule and is selected
+    on the real val split. The test split is used for nothing but scoring.
+  * Conditions are compared as paired per-seed differences against real_only with a t interval
+    (stats.py); "helped" only where the interval excludes 0. A classifier that predicts one
+    class for every test image is flagged degenerate.
 
-Outputs in `out_dir` (each file written atomically):
-  downstream.json       DVC metrics, flat keys "shots_<k>/<condition>/<metric>_{mean,std}"
-  downstream_runs.json  every run (seed, subset sizes, scores, confusion matrix) and notes
-  plots/*.png           accuracy / macro-F1 vs shots per condition, confusion matrices
+Speed: images are decoded once per stage; classifiers run in `downstream.workers` processes
+(one torch thread each; every classifier is seeded on its own, so results do not depend on it).
+
+Outputs in `out_dir`, replaced together (fsutil.atomic_entries; evaluate/ beside them is left alone):
+  downstream.json       flat keys "shots_<k>/<condition>/<metric>_{mean,std}", the paired
+                        "<metric>_delta_{mean,ci_low,ci_high}" for balanced_accuracy and macro_f1,
+                        "degenerate" (1/0), and "cas/<model>/<metric>_{mean,std}"
+  downstream_runs.json  every run (seed, subset sizes, steps, scores, confusion matrix) and notes
+  plots/*.png           scores vs shots, paired differences with intervals, confusion matrices
   summary.md            the report (report.py)
 MLflow: through `pipeline.tracking.log_downstream(metrics, artifacts)` when that module exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
-from rich.progress import Progress
 
-from pipeline.downstream import scores
-from pipeline.downstream.classifier import Augment, predict, train_classifier
+from pipeline.console import progress
+from pipeline.downstream import scores, stats
+from pipeline.downstream.augment import strong_classical
+from pipeline.downstream.classifier import StopRule, predict, train_classifier
+from pipeline.downstream.copy_paste import classes_without_masks, copy_paste
 from pipeline.errors import DataError
-from pipeline.fsutil import write_text_atomic
+from pipeline.fsutil import atomic_entries
 from pipeline.metrics.data import (ImageSet, PreparedInfo, SyntheticSet, find_model_folders, load_real,
                                    load_synthetic, read_prepared_info)
 
 log = logging.getLogger(__name__)
 
-BASE_CONDITIONS = ("real_only", "real_aug", "real_strong_aug")
+REFERENCE = "real_only"
 SYNTH_PREFIX = "real_synth_"
+CLASSICAL_SUFFIX = "_classical"
+CAS_REAL = "real"
+HEADLINE = ("balanced_accuracy", "macro_f1")          # compared as paired differences
 
 
 @dataclass
 class Condition:
     name: str
     description: str
-    augment: Optional[str] = None                # None | "params" | "strong"
+    classical: bool = False                       # strong classical preset on the fly
+    added: Optional[str] = None                   # None | "copy_paste" | "synthetic"
     synthetic: Optional[SyntheticSet] = None
 
-
-def strong_augment(seed: int):
-    """The stronger classical preset (albumentations 2.x spellings; Affine replaces ShiftScaleRotate)."""
-    import albumentations as A
-    import cv2
-
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomRotate90(p=0.5),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.08, 0.08), rotate=(-15, 15),
-                 border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-    ], seed=seed)
-
-
-def _as_callable(compose) -> Augment:
-    return lambda image: compose(image=image)["image"]
+    @property
+    def model(self) -> Optional[str]:
+        return self.synthetic.model if self.synthetic is not None else None
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int, cap_normals: bool = False) -> np.ndarray:
@@ -100,133 +116,361 @@ def synthetic_indices(synth: SyntheticSet, per_class: int, seed: int) -> np.ndar
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
-def build_conditions(synth: dict[str, SyntheticSet], notes: list[str]) -> list[Condition]:
-    conds = [Condition("real_only", "real images only, no augmentation"),
-             Condition("real_aug", "real + the pipeline's augmentation (prepare.augment)", augment="params"),
-             Condition("real_strong_aug", "real + strong classical augmentation (flips, rotate90, "
-                                          "brightness/contrast, Affine)", augment="strong")]
+def build_conditions(synth: dict[str, SyntheticSet], copy_paste_ok: bool, notes: list[str],
+                     per_model_classical: bool = True) -> list[Condition]:
+    conds = [Condition(REFERENCE, "real images only"),
+             Condition("real_classical", "real + strong classical augmentation (flips, rotate90, "
+                                         "brightness/contrast, affine)", classical=True)]
+    if copy_paste_ok:
+        conds.append(Condition("real_copy_paste", "real + copy-paste: real training defects cut by their masks, "
+                                                  "flipped, rotated, placed at random and blended onto real "
+                                                  "normal training images", added="copy_paste"))
     for model, s in synth.items():
         if not s.class_labelled:
-            note = (f"{model}: its samples are labelled only '{'defect'}' (no class chosen), so they cannot "
-                    "train a class-labelled classifier; skipped in the downstream comparison.")
+            note = (f"{model}: its samples are labelled only 'defect' (no class chosen), so they cannot "
+                    "train a class-labelled classifier; skipped in the downstream comparison and CAS.")
             log.warning(note)
             notes.append(note)
             continue
-        conds.append(Condition(f"{SYNTH_PREFIX}{model}", f"real + synthetic images from {model}", synthetic=s))
+        conds.append(Condition(f"{SYNTH_PREFIX}{model}", f"real + synthetic images from {model}",
+                               added="synthetic", synthetic=s))
+        if per_model_classical:
+            conds.append(Condition(f"{SYNTH_PREFIX}{model}{CLASSICAL_SUFFIX}",
+                                   f"real + synthetic images from {model}, with the strong classical augmentation",
+                                   classical=True, added="synthetic", synthetic=s))
     return conds
 
 
-def training_set(cond: Condition, real: ImageSet, params, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(images, labels, number of synthetic images) for one condition."""
-    if cond.synthetic is None:
-        return real.images, real.labels, 0
-    idx = synthetic_indices(cond.synthetic, params.synthetic_per_class, seed)
-    s = cond.synthetic
-    return (np.concatenate([real.images, s.images[idx]]),
-            np.concatenate([real.labels, s.label_idx[idx]]), len(idx))
+# --------------------------------------------------------------------------- one classifier (worker side)
+
+@dataclass
+class Task:
+    """One classifier to train: its data, seed and the evaluation set it is selected/scored on."""
+
+    key: tuple                  # ("downstream", shots, seed, condition) | ("cas", model, seed)
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    seed: int
+    classical: bool
+    eval_set: str               # "all" (every class) | "defects" (CAS: defect classes, label - 1)
 
 
-def _augment_for(cond: Condition, augment_params, seed: int) -> Optional[Augment]:
-    if cond.augment == "params":
-        from pipeline.data.transforms import build_augment
-
-        return _as_callable(build_augment(augment_params, seed=seed))
-    if cond.augment == "strong":
-        return _as_callable(strong_augment(seed))
-    return None
+_WORKER: dict[str, Any] = {}    # eval sets and training settings, set once per process
 
 
-def run_downstream(params, augment, prepared_dir: Path, synthetic_root: Path, out_dir: Path,
-                   models: list[str], *, evaluate_dir: Optional[Path] = None) -> dict:
-    """Train and score every (shots, seed, condition); write downstream.json, plots, summary.md.
+def _init_worker(eval_sets: dict[str, tuple[np.ndarray, ...]], settings: dict[str, Any], threads: Optional[int]) -> None:
+    if threads is not None:
+        import torch
 
-    Returns the flat metrics written to downstream.json. `evaluate_dir` (default
-    `out_dir/evaluate`) is where the evaluate stage's table.md is looked for.
+        torch.set_num_threads(threads)
+    _WORKER.clear()
+    _WORKER.update(eval_sets=eval_sets, settings=settings)
+
+
+def _run_task(task: Task) -> tuple[tuple, dict[str, Any]]:
+    """Train, select on val, predict test: (task key, {"pred", "log"})."""
+    val_x, val_y, test_x, _ = _WORKER["eval_sets"][task.eval_set]
+    st = _WORKER["settings"]
+    model, train_log = train_classifier(task.images, task.labels, task.num_classes, val_images=val_x,
+                                        val_labels=val_y, stop=st["stop"], batch_size=st["batch_size"],
+                                        lr=st["lr"], seed=task.seed, width=st["width"],
+                                        augment=strong_classical if task.classical else None,
+                                        precision=st["precision"])
+    return task.key, {"pred": predict(model, test_x, precision=st["precision"]), "log": train_log}
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                      # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class TaskRunner:
+    """Runs Tasks in this process (workers 1) or in spawned worker processes; more tasks may be
+    submitted while results come in. Each classifier runs on one torch thread either way, so the
+    results are the same for any worker count."""
+
+    def __init__(self, eval_sets: dict, settings: dict, workers: int, total: int):
+        self.eval_sets, self.settings, self.workers, self.total = eval_sets, settings, workers, total
+        self._queue: list[Task] = []
+        self._futures: set = set()
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "TaskRunner":
+        self._bar = self._stack.enter_context(progress("downstream classifiers", total=self.total, unit="classifier"))
+        if self.workers > 1:
+            # spawn, not fork: the parent has already used torch (OpenMP state does not survive a
+            # fork). The caller's main module must be import-safe (`if __name__ == "__main__":`).
+            self._pool = self._stack.enter_context(ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                initargs=(self.eval_sets, self.settings, 1)))
+        else:
+            self._pool = None
+            _init_worker(self.eval_sets, self.settings, None)
+            self._stack.enter_context(_torch_threads(1))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fut in self._futures:
+            fut.cancel()
+        self._stack.close()
+
+    def submit(self, tasks: list[Task]) -> None:
+        if self._pool is None:
+            self._queue.extend(tasks)
+        else:
+            self._futures.update(self._pool.submit(_run_task, t) for t in tasks)
+
+    def completed(self) -> Iterator[tuple[tuple, dict]]:
+        """(key, result) as tasks finish, including tasks submitted while iterating."""
+        while self._queue or self._futures:
+            if self._pool is None:
+                done = [_run_task(self._queue.pop(0))]
+            else:
+                finished, _ = wait(self._futures, return_when=FIRST_COMPLETED)
+                self._futures -= finished
+                done = [f.result() for f in finished]
+            for item in done:
+                self._bar.advance(1)
+                yield item
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _score(y_true: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, Any]:
+    return {"accuracy": scores.accuracy(y_true, pred),
+            "balanced_accuracy": scores.balanced_accuracy(y_true, pred, num_classes),
+            "macro_f1": scores.macro_f1(y_true, pred, num_classes),
+            "recall": scores.per_class_recall(y_true, pred, num_classes).tolist(),
+            "confusion": scores.confusion_matrix(y_true, pred, num_classes).tolist(),
+            "degenerate": scores.is_degenerate(pred),
+            "predicted_classes": sorted(int(c) for c in np.unique(pred))}
+
+
+def _log_fields(train_log) -> dict[str, Any]:
+    return {"steps": train_log.steps, "best_step": train_log.best_step, "stopped_by": train_log.stopped_by,
+            "val_balanced_accuracy": train_log.best_val_balanced_accuracy, "val_loss": train_log.best_val_loss,
+            "history": [list(h) for h in train_log.history]}       # (step, val balanced accuracy, val loss)
+
+
+def run_downstream(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path, models: list[str], *,
+                   evaluate_dir: Optional[Path] = None) -> dict:
+    """Train and score every (shots, seed, condition) and the CAS runs; write downstream.json,
+    downstream_runs.json, plots and summary.md. Returns the flat metrics of downstream.json.
+    `evaluate_dir` (default `out_dir/evaluate`) is where the evaluate stage's table.md is looked for.
     """
     prepared_dir, synthetic_root, out_dir = Path(prepared_dir), Path(synthetic_root), Path(out_dir)
-    # ---- inputs checked before any training
+    # ---- inputs checked (and decoded, once) before any training
     info = read_prepared_info(prepared_dir)
     found, notes = find_model_folders(synthetic_root, models)
     synth = {m: load_synthetic(p, info, m) for m, p in found.items()}
-    conditions = build_conditions(synth, notes)
     train = load_real(prepared_dir, ["train"])
+    val = load_real(prepared_dir, ["val"])
     test = load_real(prepared_dir, ["test"])
     if len(test) == 0:
         raise DataError(f"{prepared_dir} has no test images: the downstream classifier is scored on the "
                         "held-out test split. Re-run `pipeline prepare` with prepare.split.test > 0.")
+    if len(val) == 0:
+        raise DataError(f"{prepared_dir} has no val images: the downstream classifier is early-stopped and "
+                        "selected on the val split. Re-run `pipeline prepare` with prepare.split.val > 0.")
     if len(np.unique(train.labels[train.labels >= 1])) == 0:
         raise DataError(f"{prepared_dir} has no defect images in the training split; nothing to compare.")
-    if not any([augment.hflip, augment.vflip, augment.rotate90, augment.brightness_contrast]):
-        notes.append("prepare.augment enables no transform, so real_aug trains exactly like real_only.")
-
     num_classes = len(info.classes)
-    runs: list[dict[str, Any]] = []
-    total = len(params.shots) * len(params.seeds) * len(conditions)
-    with Progress(transient=True) as progress:
-        task = progress.add_task("downstream classifiers", total=total)
-        for shots in params.shots:
-            for seed in params.seeds:
-                real = train.take(few_shot_indices(train.labels, shots, seed, params.cap_normals))
-                short = [info.classes[k] for k in range(1, num_classes)
-                         if 0 < int((train.labels == k).sum()) < shots]
-                if short and seed == params.seeds[0]:
-                    notes.append(f"shots {shots}: classes {short} have fewer real training images than the "
-                                 "cap; all of theirs are used.")
-                sets = {c.name: training_set(c, real, params, seed) for c in conditions}
-                largest = max(len(y) for _, y, _ in sets.values())
-                steps = max(params.epochs * math.ceil(largest / params.batch_size), params.min_steps)
-                for cond in conditions:
-                    x, y, n_synth = sets[cond.name]
-                    model = train_classifier(x, y, num_classes, steps=steps, batch_size=params.batch_size,
-                                             lr=params.lr, seed=seed, width=params.width,
-                                             augment=_augment_for(cond, augment, seed),
-                                             precision=params.precision)
-                    pred = predict(model, test.images, precision=params.precision)
-                    runs.append({
-                        "shots": shots, "seed": seed, "condition": cond.name, "steps": steps,
-                        "n_train": int(len(y)), "n_real": int(len(real)), "n_synthetic": n_synth,
-                        "train_per_class": np.bincount(y, minlength=num_classes).tolist(),
-                        "accuracy": scores.accuracy(test.labels, pred),
-                        "macro_f1": scores.macro_f1(test.labels, pred, num_classes),
-                        "recall": scores.per_class_recall(test.labels, pred, num_classes).tolist(),
-                        "confusion": scores.confusion_matrix(test.labels, pred, num_classes).tolist(),
-                    })
-                    progress.advance(task)
+    missing_val = [info.classes[k] for k in range(num_classes) if not (val.labels == k).any()]
+    if missing_val:
+        notes.append(f"the val split has no images of {missing_val}: model selection uses the other classes.")
 
-    metrics = aggregate(runs, info.classes, params.shots, [c.name for c in conditions])
+    no_masks = classes_without_masks(train.masks, train.labels, num_classes)
+    defect_classes = [k for k in range(1, num_classes) if (train.labels == k).any()]
+    copy_paste_ok = len(no_masks) < len(defect_classes)
+    if not copy_paste_ok:
+        notes.append(f"copy-paste needs defect masks and {prepared_dir} has none (every defect training image "
+                     "has an empty mask), so the copy-paste baseline was not run.")
+    elif no_masks:
+        notes.append(f"copy-paste: classes {[info.classes[k] for k in no_masks]} have no masked training "
+                     "images, so copy-paste adds no images of them.")
+    conditions = build_conditions(synth, copy_paste_ok, notes, params.synthetic_classical == "all")
+
+    # ---- the classifiers to train
+    subsets: dict[tuple, dict[str, Any]] = {}
+    real_sets: dict[tuple[int, int], tuple[ImageSet, Optional[tuple[np.ndarray, np.ndarray]]]] = {}
+    for shots in params.shots:
+        short = [info.classes[k] for k in range(1, num_classes) if 0 < int((train.labels == k).sum()) < shots]
+        if short:
+            notes.append(f"shots {shots}: classes {short} have fewer real training images than the cap; "
+                         "all of theirs are used.")
+        for seed in params.seeds:
+            real = train.take(few_shot_indices(train.labels, shots, seed, params.cap_normals))
+            pasted = (copy_paste(real.images, real.masks, real.labels, params.synthetic_per_class, seed,
+                                 params.copy_paste_blend_sigma) if copy_paste_ok else None)
+            real_sets[shots, seed] = (real, pasted)
+
+    def downstream_task(cond: Condition, shots: int, seed: int) -> Task:
+        real, pasted = real_sets[shots, seed]
+        x, y = real.images, real.labels
+        if cond.added == "copy_paste":
+            x, y = np.concatenate([x, pasted[0]]), np.concatenate([y, pasted[1]])
+        elif cond.added == "synthetic":
+            idx = synthetic_indices(cond.synthetic, params.synthetic_per_class, seed)
+            x = np.concatenate([x, cond.synthetic.images[idx]])
+            y = np.concatenate([y, cond.synthetic.label_idx[idx]])
+        key = ("downstream", shots, seed, cond.name)
+        subsets[key] = {"n_train": int(len(y)), "n_real": int(len(real)), "n_added": int(len(y) - len(real)),
+                        "train_per_class": np.bincount(y, minlength=num_classes).tolist()}
+        return Task(key, x, y, num_classes, seed, cond.classical, "all")
+
+    # real + synthetic first: with synthetic_classical "best", the synthetic + classical runs wait for them
+    order = sorted(conditions, key=lambda c: c.added != "synthetic")
+    tasks = [downstream_task(c, shots, seed) for c in order for shots in params.shots for seed in params.seeds]
+    eval_sets = {"all": (val.images, val.labels, test.images, test.labels)}
+    cas_models = _cas_sources(conditions, train, params, notes, num_classes, val, test)
+    if cas_models:
+        dv, dt = val.labels >= 1, test.labels >= 1
+        eval_sets["defects"] = (val.images[dv], val.labels[dv] - 1, test.images[dt], test.labels[dt] - 1)
+        for seed in params.seeds:
+            for name, source in cas_models.items():
+                x, y = source(seed)
+                key = ("cas", name, seed)
+                subsets[key] = {"n_train": int(len(y)), "train_per_class": np.bincount(y, minlength=num_classes - 1).tolist()}
+                tasks.append(Task(key, x, y, num_classes - 1, seed, False, "defects"))
+
+    synth_conds = [c for c in conditions if c.added == "synthetic" and not c.classical]
+    later = len(params.shots) * len(params.seeds) if params.synthetic_classical == "best" and synth_conds else 0
+    settings = {"stop": StopRule(params.eval_every, params.patience, params.min_steps, params.max_steps),
+                "batch_size": params.batch_size, "lr": params.lr, "width": params.width,
+                "precision": params.precision}
+    workers = min(params.workers or default_workers(), len(tasks))
+    results: dict[tuple, dict] = {}
+    with TaskRunner(eval_sets, settings, workers, len(tasks) + later) as runner:
+        runner.submit(tasks)
+        waiting = {("downstream", s, seed, c.name) for c in synth_conds for s in params.shots for seed in params.seeds}
+        for key, out in runner.completed():
+            results[key] = out
+            if later and waiting and waiting <= results.keys():
+                waiting = set()
+                best = _best_on_val(synth_conds, results, params)
+                cond = Condition(f"{SYNTH_PREFIX}{best.model}{CLASSICAL_SUFFIX}",
+                                 f"real + synthetic images from {best.model} (the synthetic set whose real + "
+                                 "synthetic classifiers scored best on val), with the strong classical augmentation",
+                                 classical=True, added="synthetic", synthetic=best.synthetic)
+                conditions.append(cond)
+                extra = [downstream_task(cond, shots, seed) for shots in params.shots for seed in params.seeds]
+                tasks += extra
+                runner.submit(extra)
+
+    # ---- scores, in task order (independent of which worker finished first)
+    runs: list[dict[str, Any]] = []
+    for task in tasks:
+        out = results[task.key]
+        y_test = eval_sets[task.eval_set][3]
+        head = ({"kind": "downstream", "shots": task.key[1], "seed": task.seed, "condition": task.key[3]}
+                if task.key[0] == "downstream" else {"kind": "cas", "model": task.key[1], "seed": task.seed})
+        runs.append({**head, **subsets[task.key], **_log_fields(out["log"]),
+                     **_score(y_test, out["pred"], task.num_classes)})
+    runs.sort(key=lambda r: (r["kind"] != "downstream", r.get("shots", 0), r["seed"]))
+
+    metrics = aggregate(runs, info.classes, params.shots, [c.name for c in conditions], params.ci_level)
     write_outputs(out_dir, metrics, runs, notes, conditions, info, params, prepared_dir, synthetic_root,
-                  evaluate_dir if evaluate_dir is not None else out_dir / "evaluate", test)
+                  evaluate_dir if evaluate_dir is not None else out_dir / "evaluate", test, val, workers)
     return metrics
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    a = np.asarray([v for v in values if not math.isnan(v)], np.float64)
-    if a.size == 0:
-        return math.nan, math.nan
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+def _best_on_val(synth_conds: list[Condition], results: dict[tuple, dict], params) -> Condition:
+    """The real + synthetic condition with the highest mean val balanced accuracy over every
+    (shots, seed); ties go to the earlier model of generate.models. Chosen on val, never on test."""
+    def mean_val(c: Condition) -> float:
+        return float(np.mean([results[("downstream", s, seed, c.name)]["log"].best_val_balanced_accuracy
+                              for s in params.shots for seed in params.seeds]))
+    return max(synth_conds, key=mean_val)         # max keeps the first of equal values
 
 
-def aggregate(runs: list[dict], classes: list[str], shots_list: list[int], conditions: list[str]) -> dict[str, float]:
-    """Flat DVC metrics: shots_<k>/<condition>/{accuracy,macro_f1,recall_<class>}_{mean,std}."""
+def _cas_sources(conditions: list[Condition], train: ImageSet, params, notes: list[str], num_classes: int,
+                 val: ImageSet, test: ImageSet) -> dict[str, Any]:
+    """{name: seed -> (images, labels - 1)} for the CAS runs: each model's synthetic defects and the
+    real training defects as the reference; {} (with a note) where CAS cannot be computed."""
+    if num_classes - 1 < 2:
+        notes.append("CAS (train on synthetic only, test on real) needs at least 2 defect classes; this data "
+                     f"has {num_classes - 1}, so it was not computed.")
+        return {}
+    if not (test.labels >= 1).any() or not (val.labels >= 1).any():
+        notes.append("CAS needs defect images in the val and test splits; there are none, so it was not computed.")
+        return {}
+    sources: dict[str, Any] = {}
+    real_defects = train.labels >= 1
+    sources[CAS_REAL] = lambda seed: (train.images[real_defects], train.labels[real_defects] - 1)
+    for cond in conditions:
+        if cond.added == "synthetic" and not cond.classical:
+            s = cond.synthetic
+
+            def from_model(seed: int, s: SyntheticSet = s) -> tuple[np.ndarray, np.ndarray]:
+                idx = synthetic_indices(s, params.synthetic_per_class, seed)
+                return s.images[idx], s.label_idx[idx] - 1
+            if len(np.unique(s.label_idx[s.label_idx >= 1])) < 2:
+                notes.append(f"CAS of {s.model}: its samples cover fewer than 2 defect classes; not computed.")
+                continue
+            sources[s.model] = from_model
+    return sources
+
+
+# --------------------------------------------------------------------------- aggregation
+
+def aggregate(runs: list[dict], classes: list[str], shots_list: list[int], conditions: list[str],
+              ci_level: float = 0.95) -> dict[str, float]:
+    """Flat metrics: per (shots, condition) mean/std of the scores, the paired differences against
+    real_only with their t interval, the degenerate flag; per CAS source mean/std per class."""
     flat: dict[str, float] = {}
+    down = [r for r in runs if r["kind"] == "downstream"]
     for shots in shots_list:
+        ref = {r["seed"]: r for r in down if r["shots"] == shots and r["condition"] == REFERENCE}
         for cond in conditions:
-            group = [r for r in runs if r["shots"] == shots and r["condition"] == cond]
+            group = [r for r in down if r["shots"] == shots and r["condition"] == cond]
             if not group:
                 continue
             key = f"shots_{shots}/{cond}"
-            for name in ("accuracy", "macro_f1"):
-                flat[f"{key}/{name}_mean"], flat[f"{key}/{name}_std"] = _mean_std([r[name] for r in group])
+            for name in ("accuracy",) + HEADLINE:
+                flat[f"{key}/{name}_mean"], flat[f"{key}/{name}_std"] = stats.mean_std([r[name] for r in group])
+                paired = [r[name] - ref[r["seed"]][name] for r in group if r["seed"] in ref]
+                if name in HEADLINE and paired:
+                    (flat[f"{key}/{name}_delta_mean"], flat[f"{key}/{name}_delta_ci_low"],
+                     flat[f"{key}/{name}_delta_ci_high"]) = stats.paired_t_interval(paired, ci_level)
             for k, cls in enumerate(classes):
                 flat[f"{key}/recall_{cls}_mean"], flat[f"{key}/recall_{cls}_std"] = \
-                    _mean_std([r["recall"][k] for r in group])
+                    stats.mean_std([r["recall"][k] for r in group])
+            flat[f"{key}/degenerate"] = float(any(r["degenerate"] for r in group))
+            flat[f"{key}/degenerate_seeds"] = float(sum(r["degenerate"] for r in group))
             flat[f"{key}/n_train"] = float(np.mean([r["n_train"] for r in group]))
+            flat[f"{key}/steps_mean"] = float(np.mean([r["steps"] for r in group]))
+    for name in dict.fromkeys(r["model"] for r in runs if r["kind"] == "cas"):
+        group = [r for r in runs if r["kind"] == "cas" and r["model"] == name]
+        key = f"cas/{name}"
+        for m in ("accuracy", "balanced_accuracy"):
+            flat[f"{key}/{m}_mean"], flat[f"{key}/{m}_std"] = stats.mean_std([r[m] for r in group])
+        for k, cls in enumerate(classes[1:]):
+            flat[f"{key}/recall_{cls}_mean"], flat[f"{key}/recall_{cls}_std"] = \
+                stats.mean_std([r["recall"][k] for r in group])
+        flat[f"{key}/degenerate"] = float(any(r["degenerate"] for r in group))
     return flat
 
 
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if isinstance(obj, (np.floating, np.integer)):
+        return _json_safe(obj.item())
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -234,24 +478,41 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def majority_baseline(test_labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Scores of always predicting the test split's most frequent class: what a degenerate
+    classifier gets, the floor every condition must clear."""
+    pred = np.full(len(test_labels), int(np.argmax(np.bincount(test_labels, minlength=num_classes))))
+    return {"accuracy": scores.accuracy(test_labels, pred),
+            "balanced_accuracy": scores.balanced_accuracy(test_labels, pred, num_classes),
+            "macro_f1": scores.macro_f1(test_labels, pred, num_classes)}
+
+
 def write_outputs(out_dir: Path, metrics: dict, runs: list[dict], notes: list[str], conditions: list[Condition],
                   info: PreparedInfo, params, prepared_dir: Path, synthetic_root: Path, evaluate_dir: Path,
-                  test: ImageSet) -> None:
+                  test: ImageSet, val: ImageSet, workers: int) -> None:
     from pipeline.config import to_dict
     from pipeline.downstream import report
 
-    plots = report.write_plots(out_dir / "plots", runs, metrics, info.classes, list(params.shots),
-                               [c.name for c in conditions])
-    write_text_atomic(out_dir / "downstream.json", json.dumps(_json_safe(metrics), indent=2) + "\n")
-    details = {"params": to_dict(params), "classes": info.classes,
-               "test_per_class": np.bincount(test.labels, minlength=len(info.classes)).tolist(),
-               "conditions": {c.name: c.description for c in conditions}, "notes": notes, "runs": runs}
-    write_text_atomic(out_dir / "downstream_runs.json", json.dumps(_json_safe(details), indent=2) + "\n")
-    summary = report.render_summary(out_dir=out_dir, metrics=metrics, details=details, plots=plots,
-                                    prepared_dir=prepared_dir, synthetic_root=synthetic_root,
-                                    models=[c.name[len(SYNTH_PREFIX):] for c in conditions if c.synthetic],
-                                    evaluate_dir=evaluate_dir)
-    write_text_atomic(out_dir / "summary.md", summary)
+    num_classes = len(info.classes)
+    details = {"params": {**to_dict(params), "workers_used": workers}, "classes": info.classes,
+               "test_per_class": np.bincount(test.labels, minlength=num_classes).tolist(),
+               "val_per_class": np.bincount(val.labels, minlength=num_classes).tolist(),
+               "majority_baseline": majority_baseline(test.labels, num_classes),
+               "conditions": {c.name: c.description for c in conditions},
+               "synthetic_models": [c.model for c in conditions if c.added == "synthetic" and not c.classical],
+               "notes": notes, "runs": runs}
+    # The four outputs share reports/ with the evaluate stage's folder: replaced together.
+    with atomic_entries(out_dir, "downstream") as staging:
+        (staging / "plots").mkdir()
+        names = report.write_plots(staging / "plots", runs, metrics, info.classes, list(params.shots),
+                                   [c.name for c in conditions], params.ci_level)
+        plots = [out_dir / "plots" / n for n in names]
+        (staging / "downstream.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+        (staging / "downstream_runs.json").write_text(json.dumps(_json_safe(details), indent=2) + "\n")
+        summary = report.render_summary(out_dir=out_dir, metrics=metrics, details=details, plots=plots,
+                                        prepared_dir=prepared_dir, synthetic_root=synthetic_root,
+                                        models=details["synthetic_models"], evaluate_dir=evaluate_dir)
+        (staging / "summary.md").write_text(summary)
     artifacts = [out_dir / "downstream.json", out_dir / "downstream_runs.json", out_dir / "summary.md", *plots]
     try:
         from pipeline.tracking import log_downstream
