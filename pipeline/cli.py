@@ -132,18 +132,21 @@ def generate(params: Path = ParamsOpt,
              use_gpu: bool = typer.Option(False, "--use-gpu")):
     """Generate a labelled, masked synthetic defect dataset with Ray Data."""
     from pipeline.config import load_params
-    from pipeline.generation.ray_generate import run_generate
+    from pipeline.generation.ray_generate import run_generate, shortfall_advice
 
     cfg = load_params(params)
     name = model or cfg.generate.model
     out = out or Path("data/synthetic") / name
     with console.stage(console.stage_name(f"generate {name}"),
                        f"{cfg.generate.per_class} images per class from {models_dir / name}") as st:
-        result = run_generate(cfg.generate, name, models_dir / name, data, out, address=address, use_gpu=use_gpu)
-        kept = sum(result["counts"].values())
+        result = run_generate(cfg.generate, name, models_dir / name, data, out, address=address, use_gpu=use_gpu,
+                              warn_shortfall=False)
+        kept, short = sum(result["counts"].values()), sum(result["shortfall"].values())
         st.summary = (f"{kept} images kept of {result['generated']} generated ({result['dropped']} dropped by the "
                       f"quality filter, {result['rounds']} round(s)), {result['img_per_s']:.3g} img/s -> {out} "
                       f"(Ray: {result['ray']}, {result['ray_connect_s']:.1f} s)")
+        if short:
+            st.summary += f"; {short} short of generate.per_class={cfg.generate.per_class}: {shortfall_advice()}"
 
 
 @app.command()
@@ -194,7 +197,7 @@ def downstream(params: Path = ParamsOpt,
         if headline_dir is not None:
             hl.write_downstream(headline_dir, flat)
         if plot_data is not None:
-            hl.write_scores_vs_shots(plot_data, flat)
+            hl.write_scores_vs_shots(plot_data, flat, models)
         st.summary = f"-> {out / 'summary.md'}"
 
 

@@ -95,8 +95,8 @@ def setup(verbose_flag: Optional[bool] = None) -> None:
 
 
 def _one_line_warnings() -> None:
-    """The package's own warnings (PipelineWarning subclasses, e.g. tracking outages) print as one
-    `warning: ...` line; every other warning keeps Python's format."""
+    """The package's own warnings (categories with `pipeline_warning = True`, e.g. TrackingWarning
+    for a tracking outage) print as one `warning: ...` line; every other warning is shown as before."""
     if getattr(warnings.showwarning, "_pipeline", False):
         return
     previous = warnings.showwarning

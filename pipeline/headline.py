@@ -14,7 +14,8 @@ row, not a column.
                                            macro_f1 (mean over seeds) and, against real_only, the paired
                                            difference `delta` with its interval `ci_low`..`ci_high`
                                            (reports/downstream.json `..._delta_mean/_ci_low/_ci_high`;
-                                           its `degenerate` flags stay there: one more column)
+                                           its `degenerate` flags stay there: a 14th column would
+                                           push the table past 200 characters)
 
 Plot data for `dvc plots show` (the PNGs stay, as `dvc plots show` renders blank offline):
     models/<family>/loss_curves.tsv        written by the training launcher (ray_train.loss_curves_tsv)
@@ -131,12 +132,21 @@ def write_downstream(folder: Path, flat: dict[str, Any]) -> list[Path]:
     return _write_folder(folder, files)
 
 
-def scores_vs_shots_tsv(flat: dict[str, Any], metrics: Iterable[str] = ("macro_f1", "accuracy")) -> str:
+def plotted_conditions(models: Iterable[str]) -> list[str]:
+    """The conditions the downstream plots of dvc.yaml draw (keep the two lists in step): their
+    columns are always in the TSV, empty where a condition did not run (e.g. copy-paste without
+    masks, a model whose samples carry no class), so `dvc plots show` never misses a field."""
+    return ["real_only", "real_classical", "real_copy_paste", *(f"real_synth_{m}" for m in models)]
+
+
+def scores_vs_shots_tsv(flat: dict[str, Any], metrics: Iterable[str] = ("macro_f1", "accuracy"),
+                        conditions: Iterable[str] = ()) -> str:
     """Wide TSV for `dvc plots`: a row per shot count, a `<condition>/<metric>` column per condition
-    and metric (the mean over seeds); a value the stage did not produce is empty."""
+    (`conditions` first, then any other the stage produced) and metric (the mean over seeds); a
+    value the stage did not produce is empty."""
     metrics = list(metrics)
     table: dict[int, dict[str, float]] = {}
-    conditions: list[str] = []
+    conditions = list(conditions)
     for key, value in flat.items():
         match = _DOWNSTREAM_KEY.match(key)
         if not match or not _finite(value):
@@ -154,9 +164,9 @@ def scores_vs_shots_tsv(flat: dict[str, Any], metrics: Iterable[str] = ("macro_f
     return "\n".join(lines) + "\n"
 
 
-def write_scores_vs_shots(path: Path, flat: dict[str, Any]) -> None:
-    write_text_atomic(Path(path), scores_vs_shots_tsv(flat))
+def write_scores_vs_shots(path: Path, flat: dict[str, Any], models: Iterable[str] = ()) -> None:
+    write_text_atomic(Path(path), scores_vs_shots_tsv(flat, conditions=plotted_conditions(models)))
 
 
 __all__ = ["train_headline", "write_train", "evaluate_headline", "write_evaluate", "downstream_headline",
-           "write_downstream", "scores_vs_shots_tsv", "write_scores_vs_shots", "MAX_KEYS"]
+           "write_downstream", "scores_vs_shots_tsv", "write_scores_vs_shots", "plotted_conditions", "MAX_KEYS"]

@@ -70,6 +70,11 @@ def test_scores_vs_shots_tsv_is_one_row_per_shot_count():
         "shots\treal_only/macro_f1\treal_synth_x/macro_f1\treal_only/accuracy\treal_synth_x/accuracy",
         "5\t0.4\t0.45\t0.5\t",
         "20\t0.6\t\t0.7\t"]
+    # The plotted conditions are columns even where they did not run (dvc plots never misses a field).
+    tsv = headline.scores_vs_shots_tsv(flat, metrics=["macro_f1"], conditions=headline.plotted_conditions(["y"]))
+    assert tsv.splitlines() == [
+        "shots\treal_only/macro_f1\treal_classical/macro_f1\treal_copy_paste/macro_f1\treal_synth_y/macro_f1"
+        "\treal_synth_x/macro_f1", "5\t0.4\t\t\t\t0.45", "20\t0.6\t\t\t\t"]
 
 
 def test_a_headline_never_grows_past_15_keys(tmp_path):

@@ -312,8 +312,11 @@ def _pipeline_errors():
 
 def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepared_dir: Path,
                  out_dir: Path, address: str | None = None, use_gpu: bool = False,
-                 track: bool = True) -> dict:
+                 track: bool = True, warn_shortfall: bool = True) -> dict:
     """Generate `params.per_class` labelled, masked images per defect class into `out_dir`.
+
+    `warn_shortfall`: print a warning line when the quality filter left classes short (the CLI
+    says it in its end line instead, `shortfall_advice`; the manifest records it either way).
 
     `track`: log params, counts and the manifest/preview to MLflow (pipeline.tracking) at the end.
     Returns the manifest plus run statistics: `seconds` (generation and writing), `img_per_s`
@@ -386,10 +389,9 @@ def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepa
     finally:
         if started:
             ray.shutdown()
-    if shortfall:
+    if shortfall and warn_shortfall:
         console.print_line(f"warning: after {rounds} rounds the quality filter left {shortfall} short of "
-                           f"generate.per_class={params.per_class}; raise generate.max_rounds or widen "
-                           "min/max_mask_fraction.")
+                           f"generate.per_class={params.per_class}; {shortfall_advice()}")
     # startup_s: until the first ordered batch reached the driver (actor start-up, model load);
     # ray_connect_s: starting or joining Ray.
     stats = {"img_per_s": next_index / max(seconds, 1e-9), "seconds": seconds, "startup_s": first_batch_s,
@@ -397,6 +399,10 @@ def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepa
     if track:
         _track(params, model_name, manifest, stats, out_dir, model_dir)
     return {**manifest, **stats, "ray": where}
+
+
+def shortfall_advice() -> str:
+    return "raise generate.max_rounds or widen min/max_mask_fraction."
 
 
 def _track(params: GenerateParams, model_name: str, manifest: dict, stats: dict, out_dir: Path,
