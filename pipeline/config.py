@@ -502,7 +502,7 @@ class GenerateParams:
     models: list[str] = field(default_factory=lambda: ["defectgan", "cyclegan", "stargan", "progan", "pix2pix"])
     per_class: int = 40
     seed: int = 0
-    placement: Literal["random", "masks"] = "random"
+    placement: Literal["random", "masks", "real_masks"] = "random"
     box_min: float = 0.2            # random control-map box side, fraction of the image
     box_max: float = 0.5
     masks_dir: Optional[str] = None  # user masks when placement == masks
@@ -562,7 +562,7 @@ class DownstreamParams:
     shots: list[int] = field(default_factory=lambda: [5, 20])   # real defect images per class
     batch_size: int = 32
     lr: float = 3e-3
-    width: int = 16                     # channels of the classifier's first stage (x2, x4 after)
+    width: int = 8                      # channels of the classifier's first stage (x2, x4, x8 after)
     # Early stopping, the same rule for every condition: score the val split every eval_every
     # steps; after min_steps stop once `patience` evaluations in a row did not improve; keep
     # the best validated weights.

@@ -409,7 +409,8 @@ def test_region_and_mask_supervision_terms_hand_computed(tiny_spec):
     # Mask supervision on the two known defects: m_r = 0.75 everywhere (normal asked everywhere);
     # m_b^ = 0.25 inside the dilated mask, 0.75 outside.
     t = batch["mask_b"][:2]
-    bce = lambda m, y: -(y * torch.log(m) + (1 - y) * torch.log(1 - m)).mean()   # noqa: E731
+    def bce(m, y):   # class-balanced: defect pixels and the others weigh half each
+        return 0.5 * (-(y * torch.log(m)).sum() / y.sum() - ((1 - y) * torch.log(1 - m)).sum() / (1 - y).sum())
     m_bh = 0.25 * grown[:2] + 0.75 * (1 - grown[:2])
     expected_sup = bce(torch.full_like(t, 0.75), t) + bce(m_bh, t)
     assert stats["G/mask_sup"] == pytest.approx(expected_sup.item(), rel=1e-5)

@@ -195,9 +195,15 @@ def jitter_masks(masks: torch.Tensor) -> torch.Tensor:
 
 
 def mask_bce(m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of a mask in [0, 1] against a {0, 1} mask (mean over pixels), in fp32
-    (under bf16 autocast log(1 - m) would round away small masks)."""
-    return F.binary_cross_entropy(m.float().clamp(1e-6, 1 - 1e-6), target.float())
+    """Class-balanced binary cross-entropy of masks in [0, 1] against {0, 1} masks: the mean of
+    -log m over defect pixels and of -log(1 - m) over the others, averaged. A plain pixel mean
+    lets a defect of 20 px in 4096 weigh 0.5 %, and the masks it learns stay far smaller than the
+    defect (measured: mean 0.002 against real masks of 0.01 on the production preset). fp32:
+    under bf16 autocast log(1 - m) would round away small masks."""
+    m, target = m.float().clamp(1e-6, 1 - 1e-6), target.float()
+    pos = (target * -torch.log(m)).sum() / target.sum().clamp_min(1.0)
+    neg = ((1 - target) * -torch.log(1 - m)).sum() / (1 - target).sum().clamp_min(1.0)
+    return 0.5 * (pos + neg)
 
 
 def region_loss(m: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
