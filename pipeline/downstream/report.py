@@ -15,6 +15,7 @@ from pipeline.downstream.run import HEADLINE, REFERENCE, SYNTH_PREFIX
 from pipeline.downstream.stats import verdict
 
 TITLES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1"}
+HEADINGS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1"}
 
 
 # --------------------------------------------------------------------------- plots
@@ -60,7 +61,7 @@ def _deltas(metrics: dict, shots: list[int], conditions: list[str], level: float
                 labels.append(f"{cond}, {s} shots")
                 rows += 1
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(range(rows), labels, fontsize=7)
+        ax.set_yticks(range(rows), labels if i == 0 else [""] * rows, fontsize=7)   # one label column
         ax.invert_yaxis()
         ax.grid(alpha=0.3, axis="x")
         ax.set_xlabel(f"{TITLES[name]} minus real_only (paired per seed)")
@@ -199,7 +200,7 @@ def render_summary(*, out_dir: Path, metrics: dict, details: dict[str, Any], plo
     head = "| condition | " + " | ".join(f"{s} shots" for s in shots) + " |"
     rule = "|---|" + "---:|" * len(shots)
     for metric in HEADLINE:
-        out += ["", f"## {TITLES[metric].capitalize()} (mean ± std over seeds)", "", head, rule]
+        out += ["", f"## {HEADINGS[metric]} (mean ± std over seeds)", "", head, rule]
         out += [f"| {c} | " + " | ".join(_cell(metrics, f"shots_{s}/{c}", metric) for s in shots) + " |"
                 for c in conditions]
 
