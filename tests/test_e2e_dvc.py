@@ -19,10 +19,13 @@ VENV_BIN = Path(sys.executable).parent
 
 TINY = {
     "prepare": {"resolution": 16, "synthetic": {"per_class": 8, "normal": 16, "paired": 8}},
-    "train": {"common": {"kimg": 0.032, "batch_size": 4, "tick_kimg": 0.016, "snapshot_ticks": 1}},
+    "train": {"common": {"kimg": 0.032, "batch_size": 4, "tick_kimg": 0.016, "snapshot_ticks": 1},
+              # a family key overrides train.common: Defect-GAN's shipped kimg and warm-up too
+              "defectgan": {"kimg": 0.032, "d_warmup_kimg": 0.008}},
     "generate": {"per_class": 4, "max_rounds": 2},
     "evaluate": {"feature_epochs": 1, "feature_min_steps": 10},
-    "downstream": {"seeds": [0], "shots": [3], "epochs": 1, "min_steps": 5, "synthetic_per_class": 4},
+    "downstream": {"seeds": [0], "shots": [3], "min_steps": 5, "max_steps": 10, "eval_every": 5,
+                   "synthetic_per_class": 4},
 }
 
 
