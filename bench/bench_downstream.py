@@ -49,7 +49,7 @@ def _standins(prepared: Path, out: Path, models: list[str], per_class: int) -> N
 
     from pipeline.data.images import encode_mask_png, encode_png
     from pipeline.downstream.augment import strong_classical
-    from pipeline.metrics.data import load_real, read_prepared_info
+    from pipeline.metrics.data import DEFECT_LABEL, load_real, read_prepared_info
 
     info = read_prepared_info(prepared)
     train = load_real(prepared, ["train"])
@@ -64,7 +64,8 @@ def _standins(prepared: Path, out: Path, models: list[str], per_class: int) -> N
             x = torch.from_numpy(src[pick]).float().div(127.5).sub(1)
             imgs = ((strong_classical(x, gen) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
             for i, img in enumerate(imgs):
-                rows.append(dict(id=f"{model}-{k}-{i}", label=info.classes[k], label_idx=k,
+                label = info.classes[k]          # a class named "defect" is the reserved unlabelled name: -1
+                rows.append(dict(id=f"{model}-{k}-{i}", label=label, label_idx=-1 if label == DEFECT_LABEL else k,
                                  image_png=encode_png(img.transpose(1, 2, 0)),
                                  mask_png=encode_mask_png(np.zeros(img.shape[1:], np.uint8)),
                                  region_png=None, model=model))

@@ -368,13 +368,42 @@ def test_no_masks_means_no_copy_paste_and_the_report_says_so(tmp_path):
     assert "copy-paste needs defect masks" in md and "one seed: no interval" in md
 
 
+def test_defect_only_samples_count_as_the_one_defect_class():
+    from pipeline.downstream.run import build_conditions
+    from pipeline.metrics.data import SyntheticSet
+
+    z = np.zeros((2, 1, 4, 4), np.uint8)
+    s = SyntheticSet("cyclegan", Path("x"), z, z, z, np.zeros(2, bool), np.array(["defect"] * 2), np.array([-1, -1]))
+    notes: list[str] = []
+    one = build_conditions({"cyclegan": s}, False, notes, defect_classes=1)
+    assert [c.name for c in one][-2:] == ["real_synth_cyclegan", "real_synth_cyclegan_classical"]
+    assert one[-1].synthetic.label_idx.tolist() == [1, 1] and "count as that class" in notes[0]
+    two = build_conditions({"cyclegan": s}, False, notes, defect_classes=2)
+    assert [c.name for c in two] == ["real_only", "real_classical"]          # ambiguous: skipped
+
+
 @pytest.mark.slow
 def test_worker_processes_give_the_same_results(tmp_path):
     prepared = make_prepared(tmp_path / "prepared", {"train": 4, "val": 2, "test": 2})
-    one = run_downstream(DownstreamParams(**{**TINY, "shots": [2]}), prepared, tmp_path / "none", tmp_path / "a", [])
-    two = run_downstream(DownstreamParams(**{**TINY, "shots": [2], "workers": 2}), prepared, tmp_path / "none",
-                         tmp_path / "b", [])
+    syn = tmp_path / "syn"
+    make_synthetic(syn, "stargan", ["scratch", "spot"])           # + the synthetic + classical phase
+    one = run_downstream(DownstreamParams(**{**TINY, "shots": [2]}), prepared, syn, tmp_path / "a", ["stargan"])
+    two = run_downstream(DownstreamParams(**{**TINY, "shots": [2], "workers": 2}), prepared, syn,
+                         tmp_path / "b", ["stargan"])
+    assert "shots_2/real_synth_stargan_classical/macro_f1_mean" in two
     assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
+
+
+def test_synthetic_classical_goes_to_the_best_model_on_val():
+    from pipeline.downstream.classifier import TrainLog
+    from pipeline.downstream.run import Condition, _best_on_val
+
+    conds = [Condition(f"real_synth_{m}", "", added="synthetic") for m in ("a", "b", "c")]
+    val = {"a": [0.5, 0.7], "b": [0.7, 0.6], "c": [0.6, 0.7]}          # means 0.6, 0.65, 0.65
+    results = {("downstream", 5, seed, f"real_synth_{m}"): {"log": TrainLog(best_val_balanced_accuracy=v[seed])}
+               for m, v in val.items() for seed in (0, 1)}
+    params = DownstreamParams(seeds=[0, 1], shots=[5])
+    assert _best_on_val(conds, results, params).name == "real_synth_b"      # a tie goes to the earlier model
 
 
 # --------------------------------------------------------------------------- bad input

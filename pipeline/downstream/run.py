@@ -51,6 +51,7 @@ MLflow: through `pipeline.tracking.log_downstream(metrics, artifacts)` when that
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -117,7 +118,7 @@ def synthetic_indices(synth: SyntheticSet, per_class: int, seed: int) -> np.ndar
 
 
 def build_conditions(synth: dict[str, SyntheticSet], copy_paste_ok: bool, notes: list[str],
-                     per_model_classical: bool = True) -> list[Condition]:
+                     per_model_classical: bool = True, defect_classes: int = 2) -> list[Condition]:
     conds = [Condition(REFERENCE, "real images only"),
              Condition("real_classical", "real + strong classical augmentation (flips, rotate90, "
                                          "brightness/contrast, affine)", classical=True)]
@@ -126,6 +127,11 @@ def build_conditions(synth: dict[str, SyntheticSet], copy_paste_ok: bool, notes:
                                                   "flipped, rotated, placed at random and blended onto real "
                                                   "normal training images", added="copy_paste"))
     for model, s in synth.items():
+        if not s.class_labelled and defect_classes == 1:
+            # One defect class: a sample labelled only "defect" can only be of that class.
+            s = dataclasses.replace(s, label_idx=np.where(s.label_idx == -1, 1, s.label_idx))
+            notes.append(f"{model}: its samples are labelled only 'defect'; the data has one defect class, "
+                         "so they count as that class.")
         if not s.class_labelled:
             note = (f"{model}: its samples are labelled only 'defect' (no class chosen), so they cannot "
                     "train a class-labelled classifier; skipped in the downstream comparison and CAS.")
@@ -303,7 +309,8 @@ def run_downstream(params, prepared_dir: Path, synthetic_root: Path, out_dir: Pa
     elif no_masks:
         notes.append(f"copy-paste: classes {[info.classes[k] for k in no_masks]} have no masked training "
                      "images, so copy-paste adds no images of them.")
-    conditions = build_conditions(synth, copy_paste_ok, notes, params.synthetic_classical == "all")
+    conditions = build_conditions(synth, copy_paste_ok, notes, params.synthetic_classical == "all",
+                                  num_classes - 1)
 
     # ---- the classifiers to train
     subsets: dict[tuple, dict[str, Any]] = {}
