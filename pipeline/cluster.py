@@ -463,7 +463,10 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, us
             ray.init(address=target, **kwargs)
             return True, f"joined {where}"
         cpus = num_cpus or os.cpu_count() or 1
-        ray.init(num_cpus=cpus, num_gpus=None if use_gpu else 0, include_dashboard=include_dashboard,
+        # address="local": always a new instance for this stage. Without it ray.init() joins any
+        # Ray a test or another user left running on this machine (/tmp/ray), and then refuses
+        # num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
+        ray.init(address="local", num_cpus=cpus, num_gpus=None if use_gpu else 0, include_dashboard=include_dashboard,
                  dashboard_host=LOOPBACK, object_store_memory=object_store_mb * 1024 * 1024, **kwargs)
         return True, f"local Ray ({cpus} CPUs, started for this stage)"
     except Exception as err:  # noqa: BLE001 - ray.init raises bare Exception for a node start timeout
