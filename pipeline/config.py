@@ -565,9 +565,11 @@ class DownstreamParams:
     width: int = 8                      # channels of the classifier's first stage (x2, x4, x8 after)
     # Early stopping, the same rule for every condition: score the val split every eval_every
     # steps; after min_steps stop once `patience` evaluations in a row did not improve; keep
-    # the best validated weights.
+    # the best validated weights. Patience 3 instead of 4 trains 21 % fewer steps and selects
+    # the same weights in 72 of 90 classifiers (replayed from the validation histories of a
+    # default-data run).
     eval_every: int = 25
-    patience: int = 4
+    patience: int = 3
     min_steps: int = 100
     max_steps: int = 1000
     synthetic_per_class: int = 40       # added images per defect class: synthetic and copy-paste alike

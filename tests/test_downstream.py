@@ -241,6 +241,20 @@ def test_training_is_deterministic_and_bf16_runs():
     assert predict(c, x, precision="bf16").shape == (len(y),)
 
 
+def test_strong_classical_is_seeded_in_range_and_leaves_the_input_alone():
+    from pipeline.downstream.augment import strong_classical
+
+    x = torch.rand(64, 3, 16, 16) * 2 - 1
+    before = x.clone()
+    a = strong_classical(x, torch.Generator().manual_seed(1))
+    b = strong_classical(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and torch.equal(x, before) and a.shape == x.shape
+    assert a.min() >= -1 and a.max() <= 1
+    changed = (a - x).abs().flatten(1).amax(1) > 1e-6
+    # 1 - 0.5^5 of the images get at least one of the five transforms (binomial, 64 draws).
+    assert 50 <= int(changed.sum()) <= 64
+
+
 # --------------------------------------------------------------------------- copy-paste
 
 def test_copy_paste_moves_the_masked_defect_onto_a_normal_image():

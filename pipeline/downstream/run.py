@@ -13,7 +13,8 @@ scored on the held-out real TEST split:
                               skipped, with a note, where the data has no defect masks
   real_synth_<model>          + up to `synthetic_per_class` synthetic images per defect class
                               from data/synthetic/<model> (class-labelled samples, label_idx >= 1;
-                              models that only write "defect" are skipped with a note)
+                              samples labelled only "defect" count as the defect class where the
+                              data has one, and are skipped with a note otherwise)
   real_synth_<model>_classical  the same images with the strong classical preset on top: for the
                               model whose real_synth_<model> classifiers scored best on val
                               (`synthetic_classical: best`, default) or for every model ("all")
