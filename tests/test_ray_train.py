@@ -439,7 +439,10 @@ def test_a_training_stage_prints_its_two_lines_and_progress_only(workspace, tmp_
                        "--num-workers", "1", "--run-name", unique("verbose")],
                       {"PIPELINE_CLUSTER_STATE": str(tmp_path / "no-cluster.json")})
     assert verbose.returncode == 0, verbose.stderr[-3000:]
-    assert "Reporting training result" in verbose.stdout + verbose.stderr     # Ray Train's own lines are back
+    # Ray's own INFO lines are back (which ones depends on timing: Ray Train's "Reporting training
+    # result" appeared in some runs and not in others under load; Ray core's start line always).
+    verbose_out = verbose.stdout + verbose.stderr
+    assert "Started a local Ray instance" in verbose_out or "Reporting training result" in verbose_out
 
 
 @pytest.mark.slow

@@ -357,6 +357,8 @@ class DefectGAN(GANFamily):
             return torch.randint(1, self.spec.num_classes, (n,), device=a.device), boxes
         # "masks": each normal image takes the class and the (jittered) mask of a real defect of the batch.
         pick = torch.randint(0, batch["b"].shape[0], (n,), device=a.device)
+        if "mask_b" not in batch:          # a batch without masks: boxes, like data without masks
+            return batch["label_b"].long()[pick], boxes
         masks = jitter_masks(batch["mask_b"][pick])
         known = self._known_masks(batch)[pick] & (masks.flatten(1).amax(1) > 0)
         return batch["label_b"].long()[pick], torch.where(known[:, None, None, None], masks, boxes)
@@ -373,7 +375,9 @@ class DefectGAN(GANFamily):
         known, the whole image otherwise (None with the paper's uniform control)."""
         if self.cfg.train_control == "uniform":
             return None
-        grown = F.max_pool2d(batch["mask_b"].float(), 3, stride=1, padding=1)
+        b = batch["b"]
+        mask_b = batch.get("mask_b", b.new_zeros(b.shape[0], 1, *b.shape[-2:]))
+        grown = F.max_pool2d(mask_b.float(), 3, stride=1, padding=1)
         known = self._known_masks(batch)[:, None, None, None]
         return torch.where(known, grown, torch.ones_like(grown))
 
@@ -433,7 +437,7 @@ class DefectGAN(GANFamily):
             loss = loss + c.lambda_region * reg
             stats["G/region"] = reg.item()
             stats["G/mask_in_region"] = ((m_d * region).sum() / m_d.sum().clamp_min(1e-8)).item()
-        known = self._known_masks(batch)
+        known = self._known_masks(batch) & ("mask_b" in batch)
         if (c.lambda_mask_sup > 0 or c.lambda_defect_rec > 0) and known.any():
             target_mask = batch["mask_b"][known].float()
             sup = mask_bce(m_r[known], target_mask) + mask_bce(m_bh[known], target_mask)
