@@ -235,27 +235,31 @@ def toy_images(n, g, res=16):
 
 
 def toy_defects(n, g, res=16):
-    """Class 1: a bright 4x4 square, class 2: a dark one, anywhere on the surface."""
+    """Class 1: a bright 4x4 square, class 2: a dark one, anywhere on the surface; with masks."""
     x, labels = toy_images(n, g, res).clone(), torch.randint(1, 3, (n,), generator=g)
+    masks = torch.zeros(n, 1, res, res)
     for i in range(n):
         r, c = torch.randint(0, res - 4, (2,), generator=g).tolist()
         x[i, :, r:r + 4, c:c + 4] = 0.9 if labels[i] == 1 else -0.9
-    return x, labels
+        masks[i, :, r:r + 4, c:c + 4] = 1
+    return x, labels, masks
 
 
 @pytest.mark.slow
 def test_trained_generator_confines_the_mask_to_the_requested_region():
-    # Trained with box control maps and the region term (train_control: boxes), then asked for a
-    # defect inside a box it never saw.
+    # Trained with the shipped options (control maps shaped like the real masks, region term, mask
+    # supervision; params.yaml), then asked for a defect inside a box it never saw.
     spec = DataSpec(resolution=16, channels=3, classes=("normal", "bright", "dark"))
     torch.manual_seed(0)
-    fam = DefectGAN(tiny_cfg(lr_g=1e-3, lr_d=1e-3, n_critic=1, lambda_cls_fake=5.0, lambda_rec=5.0,
-                             lambda_sd_con=0.1, train_control="boxes", lambda_region=5.0, mask_bias=-3.0), spec)
+    fam = DefectGAN(tiny_cfg(lr_g=1e-3, lr_d=1e-3, n_critic=1, lambda_cls_fake=5.0, lambda_rec=2.0,
+                             lambda_sd_con=0.05, train_control="masks", lambda_region=5.0, lambda_mask_sup=5.0,
+                             lambda_defect_rec=10.0, mask_bias=-2.0), spec)
     opt_g, opt_d = fam.make_optimizers()
     g = torch.Generator().manual_seed(0)
     for _ in range(400):
-        b, label_b = toy_defects(4, g)
-        engine_iteration(fam, {"a": toy_images(4, g), "b": b, "label_b": label_b}, opt_g, opt_d)
+        b, label_b, mask_b = toy_defects(4, g)
+        engine_iteration(fam, {"a": toy_images(4, g), "b": b, "label_b": label_b, "mask_b": mask_b,
+                               "has_mask_b": torch.ones(4, dtype=torch.bool)}, opt_g, opt_d)
     normal = toy_images(16, g)
     region = torch.zeros(16, 1, 16, 16)
     for i in range(16):
