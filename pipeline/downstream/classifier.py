@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.downstream import scores
-from pipeline.metrics.features import to_input
+from pipeline.metrics.features import balanced_sampling_weights, to_input
 
 BatchAugment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]   # (B, C, H, W) in [-1, 1]
 
@@ -105,13 +105,6 @@ def balanced_cross_entropy(logits: torch.Tensor, labels: np.ndarray) -> float:
     y = torch.from_numpy(np.asarray(labels, np.int64))
     per_image = F.cross_entropy(logits, y, reduction="none")
     return float(torch.stack([per_image[y == k].mean() for k in torch.unique(y)]).mean())
-
-
-def balanced_sampling_weights(labels: np.ndarray) -> torch.Tensor:
-    """Per-image draw weight 1 / count(its class): every class is drawn equally often."""
-    labels = np.asarray(labels, np.int64)
-    counts = np.bincount(labels)
-    return torch.from_numpy(1.0 / counts[labels])
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
