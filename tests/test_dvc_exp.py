@@ -18,6 +18,7 @@ from tests.test_e2e_dvc import _merge
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 KIMG = 0.048       # 3 ticks of 16 images: the experiment's value (the tiny baseline has 0.032)
+TABLE_COLUMNS = 260
 TINY = {           # only the stages this test runs: prepare and train@defectgan
     "prepare": {"resolution": 16, "synthetic": {"per_class": 8, "normal": 16, "paired": 8}},
     "train": {"common": {"kimg": 0.032, "batch_size": 4, "tick_kimg": 0.016, "snapshot_ticks": 1},
@@ -74,13 +75,15 @@ def test_dvc_exp_run_sets_a_param_and_exp_show_reads_it_back(tiny_repo):
     assert metrics["metrics/train/defectgan.json"]["data"]["kimg"] == KIMG
     assert set(metrics["metrics/train/defectgan.json"]["data"]) == {"kimg", "img_per_s", "D_loss", "G_loss"}
 
-    # The table a user reads (rich squeezes it to the terminal: give it 200 columns).
+    # The table a user reads (rich squeezes it to the terminal). With the other families' headline
+    # files committed, DVC prefixes each metric with its file, so the table needs 260 columns
+    # (`dvc metrics show`, the issue's 200-column target, is checked in test_headline.py).
     table = _run([str(VENV_BIN / "dvc"), "exp", "show", "--only-changed", "--no-pager"], repo,
-                 {**env, "COLUMNS": "200"}).stdout.splitlines()
+                 {**env, "COLUMNS": str(TABLE_COLUMNS)}).stdout.splitlines()
     # DVC prefixes a metric with its file ("metrics/train/defectgan.json:kimg") when another tracked
     # metrics file has the same key (the committed headlines of the other families do).
     header = [h.split(":")[-1] for h in next(ln for ln in table if "Experiment" in ln).split()]
     assert header[:7] == ["Experiment", "Created", "kimg", "img_per_s", "D_loss", "G_loss", "train.defectgan.kimg"]
     row = next(ln for ln in table if "└──" in ln).split()
     assert row.count(str(KIMG)) == 2                # the headline kimg and the param, side by side
-    assert max(map(len, table)) <= 200
+    assert max(map(len, table)) <= TABLE_COLUMNS
