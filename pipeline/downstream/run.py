@@ -59,7 +59,7 @@ import math
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -218,17 +218,23 @@ class TaskRunner:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "TaskRunner":
-        self._bar = self._stack.enter_context(progress("downstream classifiers", total=self.total, unit="classifier"))
         if self.workers > 1:
-            # spawn, not fork: the parent has already used torch (OpenMP state does not survive a
-            # fork). The caller's main module must be import-safe (`if __name__ == "__main__":`).
+            # fork where there is one: a spawned worker re-imports torch (~4 CPU-s, 15-20 s wall on
+            # this machine under load, measured) and gets the images pickled. A forked worker runs
+            # torch on one thread from its first call (_init_worker), the pattern of torch's own
+            # DataLoader workers, so the parent's OpenMP pool is never entered after the fork.
+            method = "fork" if "fork" in get_all_start_methods() else "spawn"
             self._pool = self._stack.enter_context(ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                max_workers=self.workers, mp_context=get_context(method), initializer=_init_worker,
                 initargs=(self.eval_sets, self.settings, 1)))
+            # The first submit starts every worker (all at once for fork): do it before the progress
+            # display starts its thread, so no thread of ours is forked in the middle of a write.
+            self._pool.submit(int).result()
         else:
             self._pool = None
             _init_worker(self.eval_sets, self.settings, None)
             self._stack.enter_context(_torch_threads(1))
+        self._bar = self._stack.enter_context(progress("downstream classifiers", total=self.total, unit="classifier"))
         return self
 
     def __exit__(self, *exc) -> None:
