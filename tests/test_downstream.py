@@ -408,6 +408,41 @@ def test_worker_processes_give_the_same_results(tmp_path):
     assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_workers_die_with_a_killed_stage(tmp_path):
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    prepared = make_prepared(tmp_path / "prepared", {"train": 8, "val": 2, "test": 2})
+    script = (f"import pipeline\nfrom pipeline.config import DownstreamParams\n"
+              f"from pipeline.downstream.run import run_downstream\n"
+              f"run_downstream(DownstreamParams(seeds=[0, 1, 2], shots=[4], width=8, eval_every=50, patience=50, "
+              f"min_steps=100000, max_steps=100000, workers=2), '{prepared}', '{tmp_path / 'none'}', "
+              f"'{tmp_path / 'out'}', [])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    children = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(children) < 2:
+            time.sleep(0.5)
+            children = psutil.Process(proc.pid).children()
+        assert len(children) >= 2, "the worker processes did not start"
+        time.sleep(2)                                       # the workers are training
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, f"orphaned workers still running: {[c.pid for c in alive]}"
+    finally:
+        for p in [proc, *children]:                         # never leave a process behind
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                p.kill()
+
+
 def test_synthetic_classical_goes_to_the_best_model_on_val():
     from pipeline.downstream.classifier import TrainLog
     from pipeline.downstream.run import Condition, _best_on_val
