@@ -182,7 +182,7 @@ def downstream(params: Path = ParamsOpt,
                headline_dir: Optional[Path] = HeadlineDirOpt,
                plot_data: Optional[Path] = typer.Option(None, "--plot-data",
                                                          help="also write scores vs shots as a TSV (DVC plot) here")):
-    """Train a defect classifier on real / real+augmentation / real+synthetic and compare."""
+    """Train a defect classifier on real / +classical / +copy-paste / +synthetic and compare (paired CIs)."""
     from pipeline import headline as hl
     from pipeline import tracking
     from pipeline.config import load_params
