@@ -345,7 +345,7 @@ def test_downstream_end_to_end(tmp_path, tracking_calls):
             assert img.format == "PNG" and img.width > 50
 
     md = (out / "summary.md").read_text()
-    assert "## Balanced accuracy" in md and "## Macro-F1" in md and "## Per-class recall" in md
+    assert "## Balanced accuracy" in md and "## Macro-F1" in md and "## Accuracy" in md and "## Per-class recall" in md
     assert "## Paired difference vs real_only (mean [95% t interval])" in md
     ci = saved["shots_4/real_synth_stargan/macro_f1_delta_ci_low"]
     assert f"{ci:+.3f}" in md                                           # the interval is printed

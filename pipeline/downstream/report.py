@@ -199,7 +199,7 @@ def render_summary(*, out_dir: Path, metrics: dict, details: dict[str, Any], plo
 
     head = "| condition | " + " | ".join(f"{s} shots" for s in shots) + " |"
     rule = "|---|" + "---:|" * len(shots)
-    for metric in HEADLINE:
+    for metric in (*HEADLINE, "accuracy"):          # accuracy: to read against the majority-class floor
         out += ["", f"## {HEADINGS[metric]} (mean ± std over seeds)", "", head, rule]
         out += [f"| {c} | " + " | ".join(_cell(metrics, f"shots_{s}/{c}", metric) for s in shots) + " |"
                 for c in conditions]
