@@ -19,6 +19,7 @@ it first, so a mix of old and new entries never outlives the next run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -171,3 +172,12 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_file(path, "w") as fh:
         fh.write(text)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks (model checkpoints, manifests, Parquet)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

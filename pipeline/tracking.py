@@ -67,6 +67,7 @@ from typing import Any, Iterable
 
 from pipeline.config import REPO_ROOT, flatten
 from pipeline.errors import PipelineError
+from pipeline.fsutil import file_sha256  # noqa: F401  (re-exported: stages and tests use tracking.file_sha256)
 
 EXPERIMENT_PREFIX = "defect-synth"
 DB_FILE = "mlflow.db"
@@ -264,14 +265,6 @@ def run_context_tags() -> dict[str, str]:
     if commit:
         tags.update({"git_commit": commit, "mlflow.source.git.commit": commit.removesuffix("-dirty")})
     return {k: v for k, v in tags.items() if v}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_model_name(family: str) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 from rich.progress import track
 
 from pipeline.errors import DataError
-from pipeline.fsutil import atomic_dir
+from pipeline.fsutil import atomic_dir, file_sha256
 from pipeline.metrics.data import (DEFECT_LABEL, ImageSet, PreparedInfo, SyntheticSet, find_model_folders,
                                    load_real, load_synthetic, read_prepared_info)
 from pipeline.metrics.fidelity import DOMAIN_CLASS_SPACE
@@ -104,7 +104,7 @@ def _feature_spaces(needs: set[str], params, prepared_dir: Path, info: PreparedI
                             "needs at least 2. Prepare more data or drop the *_domain metrics.")
         net, net_info = fx.domain_feature_net(
             train.images, train.labels, len(info.classes),
-            data_digest=fx.file_digest(Path(prepared_dir) / "images.parquet"),
+            data_digest=file_sha256(Path(prepared_dir) / "images.parquet"),
             epochs=params.feature_epochs, seed=params.seed, batch_size=params.feature_batch_size,
             min_steps=params.feature_min_steps, cache_in=cache_in, cache_out=cache_out)
         bs = params.feature_batch_size

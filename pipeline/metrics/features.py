@@ -196,14 +196,6 @@ def predict(net: DomainFeatureNet, images: np.ndarray, batch_size: int = 64) -> 
 
 # --------------------------------------------------------------------------- cache
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(data_digest: str, settings: dict[str, Any]) -> str:
     blob = json.dumps({"data": data_digest, "arch": ARCH_VERSION, **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
