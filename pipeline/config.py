@@ -534,6 +534,9 @@ class EvaluateParams:
     # Real images the synthetic sets are compared with (held out from GAN training by default).
     real_splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["test", "val"])
     per_class: bool = True              # also score each class (fake class k vs real class k)
+    # A "do_nothing" row: the unmodified normal inputs of an image-to-image model's samples
+    # (pipeline/metrics/evaluate.py), the score to beat. Beyond the papers, which rank models only.
+    do_nothing_baseline: bool = True
     feature_batch_size: int = 64        # domain feature network: training and inference batch
     feature_min_steps: int = 400        # ... and at least this many optimizer steps (measured: features.py)
     swd_projections: int = 512          # random directions (ProGAN: 4 repeats x 128)

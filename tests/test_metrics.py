@@ -467,3 +467,42 @@ def test_model_whose_samples_were_all_filtered_is_skipped_with_a_note(tmp_path):
     found, notes = find_model_folders(syn, ["defectgan", "stargan"])
     assert list(found) == ["stargan"]
     assert len(notes) == 1 and "defectgan" in notes[0] and "kept no samples" in notes[0]
+
+
+def test_do_nothing_baseline_is_the_unmodified_inputs_and_real_defects_beat_it(tmp_path):
+    """The baseline row holds exactly the normal images named by normal_id, with the source
+    model's labels and empty masks; samples that are real defect images score a lower fid_domain."""
+    from pipeline.metrics.data import DO_NOTHING, load_do_nothing, load_real, load_synthetic, read_prepared_info
+    from pipeline.metrics.evaluate import run_evaluate
+
+    prepared = make_prepared(tmp_path / "prepared", {"train": 10, "val": 4, "test": 6})
+    table = pq.read_table(prepared / "images.parquet").to_pylist()
+    normals = [r for r in table if r["split"] == "train" and r["label_idx"] == 0]
+    defects = [r for r in table if r["split"] == "train" and r["label_idx"] > 0]
+    rows = [dict(id=f"g{i}", label=d["label"], label_idx=d["label_idx"], image_png=d["image_png"],
+                 mask_png=d["mask_png"], region_png=d["mask_png"], model="defectgan",
+                 normal_id=normals[i % len(normals)]["id"]) for i, d in enumerate(defects)]
+    (tmp_path / "syn" / "defectgan").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "syn" / "defectgan" / "samples.parquet")
+
+    info = read_prepared_info(prepared)
+    source = load_synthetic(tmp_path / "syn" / "defectgan" / "samples.parquet", info)
+    baseline = load_do_nothing(source, prepared)
+    train = load_real(prepared, ["train"])
+    train_normals = train.images[train.labels == 0]
+    for i in range(len(rows)):
+        assert np.array_equal(baseline.images[i], train_normals[i % len(normals)])
+    assert list(baseline.label_names) == [r["label"] for r in rows] and not baseline.masks.any()
+
+    params = EvaluateParams(metrics=["fid_domain", "mask_in_region"], feature_epochs=2, feature_min_steps=30,
+                            per_class=False)
+    res = run_evaluate(params, prepared, tmp_path / "syn", tmp_path / "out", ["defectgan"])
+    assert set(res["models"]) == {"defectgan", DO_NOTHING}
+    ours, nothing = res["models"]["defectgan"]["overall"], res["models"][DO_NOTHING]["overall"]
+    assert nothing["n_fake"] == len(rows) and np.isnan(nothing["mask_in_region"])
+    assert ours["fid_domain"] < nothing["fid_domain"]
+    assert any("defectgan's" in n for n in res["notes"])
+
+    off = EvaluateParams(metrics=["fid_domain"], feature_epochs=2, feature_min_steps=30, per_class=False,
+                         do_nothing_baseline=False)
+    assert set(run_evaluate(off, prepared, tmp_path / "syn", tmp_path / "out2", ["defectgan"])["models"]) == {"defectgan"}

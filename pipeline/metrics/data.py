@@ -7,6 +7,10 @@ so there is one reader of `images.parquet` in the project. Synthetic sets are re
       (-1 for "defect"), image_png, mask_png, region_png (0/255, may be null), model
   data/synthetic/<model>/manifest.json     {"model": ..., "classes": [...], ...}
 
+The "do nothing" baseline (`load_do_nothing`) is an image-to-image model's samples with every
+generated image replaced by the unmodified normal image it was made from (`normal_id`), and
+empty masks: the score a defect generator has to beat to have changed anything that matters.
+
 A model folder that does not exist is skipped (with a note); one that exists without
 samples.parquet, or whose samples do not match the prepared data (unknown class names, wrong
 label_idx, wrong resolution or channel count), is an error naming the file.
@@ -219,3 +223,36 @@ def load_synthetic(samples_path: Path, info: PreparedInfo, model: str | None = N
     return SyntheticSet(model=model, path=path, images=np.stack(images), masks=np.stack(masks),
                         regions=np.stack(regions), has_region=np.asarray(has_region, bool),
                         label_names=np.asarray(names), label_idx=idx)
+
+
+DO_NOTHING = "do_nothing"       # the baseline row's model name in evaluate's outputs
+
+
+def load_do_nothing(source: SyntheticSet, prepared_dir: Path) -> SyntheticSet | None:
+    """`source`'s samples with each image replaced by its unmodified normal input, empty masks and
+    the same labels and regions. None when `source` has no `normal_id` column (noise-based
+    families: no input image)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.manifest import read_table
+
+    if "normal_id" not in pq.read_schema(source.path).names:
+        return None
+    wanted = [str(x) for x in pq.read_table(source.path, columns=["normal_id"]).column("normal_id").to_pylist()]
+    table = read_table(Path(prepared_dir), columns=["id", "image_png"])
+    wanted_set = set(wanted)
+    png = {i: b for i, b in zip(table.column("id").to_pylist(), table.column("image_png").to_pylist())
+           if i in wanted_set}
+    missing = sorted(wanted_set - set(png))
+    if missing:
+        raise DataError(f"{source.path}: normal inputs {missing[:3]} are not in {prepared_dir}/images.parquet; "
+                        "the synthetic set was made from other prepared data. Regenerate it.")
+    decoded = {i: _decode(b, "image_png", Path(prepared_dir) / "images.parquet", i).transpose(2, 0, 1)
+               for i, b in png.items()}
+    images = np.stack([decoded[i] for i in wanted])
+    if images.shape[1:] != source.images.shape[1:]:
+        raise DataError(f"{prepared_dir}: normal images are {images.shape[1:]} but {source.path} holds "
+                        f"{source.images.shape[1:]}. Regenerate the synthetic set from this prepared data.")
+    return SyntheticSet(model=DO_NOTHING, path=source.path, images=images, masks=np.zeros_like(source.masks),
+                        regions=source.regions, has_region=source.has_region,
+                        label_names=source.label_names, label_idx=source.label_idx)

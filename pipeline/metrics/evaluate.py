@@ -14,6 +14,10 @@ Outputs (written atomically into `out_dir`):
                  recall on the real test split (test_accuracy, test_balanced_accuracy,
                  test_recall): how far class_accuracy_domain can be trusted.
   table.md       models x metrics, like the Defect-GAN paper's comparison table, + per class
+  do_nothing     with `evaluate.do_nothing_baseline` (default on), a baseline row: the normal
+                 inputs of one image-to-image model's samples, unmodified (`metrics.data.
+                 load_do_nothing`; Defect-GAN's when it is evaluated). A model whose fid_domain
+                 is not below this row's has not made its inputs look more like real defects.
   feature_net.pt the cached domain feature network (reused when data and settings match)
 MLflow: through `pipeline.tracking.log_evaluation(metrics, artifacts)` when that module exists.
 """
@@ -31,8 +35,9 @@ from rich.progress import track
 
 from pipeline.errors import DataError
 from pipeline.fsutil import atomic_dir, file_sha256
-from pipeline.metrics.data import (DEFECT_LABEL, ImageSet, PreparedInfo, SyntheticSet, find_model_folders,
-                                   load_real, load_synthetic, read_prepared_info)
+from pipeline.metrics.data import (DEFECT_LABEL, DO_NOTHING, ImageSet, PreparedInfo, SyntheticSet,
+                                   find_model_folders, load_do_nothing, load_real, load_synthetic,
+                                   read_prepared_info)
 from pipeline.metrics.fidelity import DOMAIN_CLASS_SPACE
 from pipeline.metrics.registry import MetricContext, MetricSpec, compute_metric, validate_metric_names
 
@@ -150,6 +155,18 @@ def classifier_on_test(net, test: ImageSet, classes: list[str], batch_size: int)
             "test_recall": {c: float(r) for c, r in zip(classes, recall)}}
 
 
+def do_nothing_baseline(synth: dict[str, SyntheticSet], prepared_dir: Path) -> tuple[SyntheticSet | None, str]:
+    """The do-nothing row from Defect-GAN's samples when present, else from the first
+    image-to-image model's; (None, why) when no evaluated model takes a normal input."""
+    order = sorted(synth, key=lambda m: m != "defectgan")
+    for model in order:
+        baseline = load_do_nothing(synth[model], prepared_dir)
+        if baseline is not None:
+            return baseline, (f"{DO_NOTHING}: the unmodified normal inputs of {model}'s {len(baseline)} samples "
+                              "(same labels and regions, empty masks): the baseline a generator must beat.")
+    return None, f"{DO_NOTHING}: no evaluated model takes a normal input image; no baseline row."
+
+
 def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path,
                  models: list[str]) -> dict:
     """Score each model's synthetic set against held-out real images; write metrics.json + table.md."""
@@ -164,6 +181,11 @@ def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path
     info = read_prepared_info(prepared_dir)
     found, notes = find_model_folders(synthetic_root, models)
     synth = {m: load_synthetic(p, info, m) for m, p in found.items()}
+    if params.do_nothing_baseline and synth:
+        baseline, note = do_nothing_baseline(synth, prepared_dir)
+        notes.append(note)
+        if baseline is not None:
+            synth[DO_NOTHING] = baseline
     for m, s in synth.items():
         if not s.has_region.any() and "mask_in_region" in params.metrics:
             notes.append(f"{m}: no sample carries a placement region; mask_in_region is null.")
