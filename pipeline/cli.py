@@ -43,6 +43,12 @@ def _fmt(value, spec: str = ".3g") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "?"
 
 
+def _notes_there(notes: list) -> str:
+    """`, N note(s) there` for a stage end line: the stage's notes (a model skipped, a metric not
+    computable) are in its report, not printed one line each."""
+    return f", {len(notes)} note(s) there" if notes else ""
+
+
 def user_errors(fn):
     """Print PipelineErrors as a clear message and exit non-zero (no traceback)."""
 
@@ -170,7 +176,7 @@ def evaluate(params: Path = ParamsOpt,
             from pipeline.headline import write_evaluate
 
             write_evaluate(headline_dir, metrics)
-        st.summary = f"{len(metrics['models'])} model(s) scored -> {out / 'table.md'}"
+        st.summary = f"{len(metrics['models'])} model(s) scored -> {out / 'table.md'}" + _notes_there(metrics["notes"])
 
 
 @app.command()
@@ -198,7 +204,10 @@ def downstream(params: Path = ParamsOpt,
             hl.write_downstream(headline_dir, flat)
         if plot_data is not None:
             hl.write_scores_vs_shots(plot_data, flat, models)
-        st.summary = f"-> {out / 'summary.md'}"
+        import json
+
+        notes = json.loads((out / "downstream_runs.json").read_text()).get("notes", [])
+        st.summary = f"-> {out / 'summary.md'}" + _notes_there(notes)
 
 
 @app.command()

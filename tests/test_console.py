@@ -4,6 +4,8 @@ exactly two lines of its own for a stage."""
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 
 import pytest
@@ -155,3 +157,81 @@ def test_cli_prints_two_lines_for_a_stage(tmp_path, monkeypatch):
     assert len(lines) == 2, lines
     assert lines[0] == f"▶ prepare  synthetic data -> {tmp_path / 'prepared'}"
     assert lines[1].startswith("✓ prepare  8 images (train ") and "2 pairs, 2 classes, 16 px" in lines[1]
+
+
+# --------------------------------------------------------------------------- the evaluate and downstream stages
+
+@pytest.fixture
+def fake_tracking(monkeypatch):
+    """The stages log into this list, never into a real MLflow store."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("pipeline.tracking")
+    fake.log_evaluation = lambda metrics, artifacts: calls.append("evaluation")
+    fake.log_downstream = lambda metrics, artifacts: calls.append("downstream")
+    monkeypatch.setitem(sys.modules, "pipeline.tracking", fake)
+    return calls
+
+
+def _stage_output(capfd, caplog, name: str) -> tuple[list[str], list[str]]:
+    """(the stage's stderr lines between its ▶ and ✓ lines, its stdout) after asserting the two
+    lines frame it and no package logger warned."""
+    out, err = capfd.readouterr()
+    lines = err.splitlines()
+    assert lines[0] == f"▶ {name}" and lines[-1].startswith(f"✓ {name}  "), lines
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    return lines[1:-1], out.splitlines()
+
+
+def test_evaluate_stage_prints_its_two_lines_and_plain_progress_only(tmp_path, monkeypatch, capfd, caplog,
+                                                                     fake_tracking):
+    from pipeline.config import EvaluateParams
+    from pipeline.metrics.evaluate import run_evaluate
+    from tests.test_downstream import make_prepared, make_synthetic
+
+    monkeypatch.setenv("DVC_STAGE", "evaluate")                # as under dvc repro: not a terminal
+    monkeypatch.setenv(console.INTERVAL_ENV, "1e-9")           # a plain line at every update
+    prepared = make_prepared(tmp_path / "prepared")
+    syn = tmp_path / "syn"
+    make_synthetic(syn, "stargan", ["scratch", "spot"])
+    make_synthetic(syn, "cyclegan", ["defect"], seed=2)       # no regions: mask_in_region gets a note
+    params = EvaluateParams(metrics=["swd", "kid_domain", "fid_domain", "mask_in_region"], feature_epochs=1,
+                            feature_min_steps=5, kid_subsets=5, swd_projections=16, swd_patches_per_image=8)
+    with console.stage(console.stage_name("x")):
+        metrics = run_evaluate(params, prepared, syn, tmp_path / "out", ["stargan", "cyclegan"])
+    assert metrics["notes"] and fake_tracking == ["evaluation"]
+    between, stdout = _stage_output(capfd, caplog, "evaluate")
+    assert stdout == []
+    net_lines = [ln for ln in between if ln.startswith("  domain feature network: ")]
+    model_lines = [ln for ln in between if ln.startswith("  evaluate models: ")]
+    assert net_lines and net_lines[-1].startswith(f"  domain feature network: {len(net_lines)}/")
+    assert model_lines == ["  evaluate models: 1/2 model (50%), ETA ?, stargan",
+                           "  evaluate models: 2/2 model (100%), ETA 0 s, cyclegan"]
+    assert len(net_lines) + len(model_lines) == len(between), between      # nothing else
+
+
+def test_downstream_stage_prints_its_two_lines_and_plain_progress_only(tmp_path, monkeypatch, capfd, caplog,
+                                                                       fake_tracking):
+    from pipeline.config import DownstreamParams
+    from pipeline.downstream.run import run_downstream
+    from tests.test_downstream import TINY, make_prepared, make_synthetic
+
+    monkeypatch.setenv("DVC_STAGE", "downstream")
+    monkeypatch.setenv(console.INTERVAL_ENV, "1e-9")
+    prepared = make_prepared(tmp_path / "prepared", {"train": 4, "val": 2, "test": 2})
+    syn = tmp_path / "syn"
+    make_synthetic(syn, "cyclegan", ["defect"])        # labelled only "defect": skipped with a note, no line
+    params = DownstreamParams(**{**TINY, "shots": [2], "seeds": [0], "max_steps": 10})
+    with console.stage(console.stage_name("x")):
+        run_downstream(params, prepared, syn, tmp_path / "out", ["cyclegan"])
+    between, stdout = _stage_output(capfd, caplog, "downstream")
+    assert stdout == [] and fake_tracking == ["downstream"]
+    runs = json.loads((tmp_path / "out" / "downstream_runs.json").read_text())
+    assert any("cyclegan" in n for n in runs["notes"])
+    total = len(runs["runs"])                          # real_only, real_classical, real_copy_paste, CAS of real
+    assert len(between) == total, between              # one plain line per classifier done, nothing else
+    for i, line in enumerate(between, start=1):
+        assert re.fullmatch(rf"  downstream classifiers: {i}/{total} classifier \({100 * i / total:.0f}%\), "
+                            r"ETA (\?|\d+ s|\d+ min \d\d s)", line), line

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import track
 
+from pipeline.console import progress
 from pipeline.errors import DataError
 from pipeline.fsutil import atomic_dir, file_sha256
 from pipeline.metrics.data import (DEFECT_LABEL, DO_NOTHING, ImageSet, PreparedInfo, SyntheticSet,
@@ -201,20 +201,22 @@ def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path
         if synth:
             real_f, fake_f, meta = _feature_spaces(needs, params, prepared_dir, info, real, synth,
                                                    cache_in, tmp / "feature_net.pt")
-            for model in track(list(synth), description="evaluate models", transient=True):
-                s = synth[model]
-                feats = {sp: (real_f[sp], fake_f[model][sp]) for sp in real_f}
-                groups = comparison_groups(s, real.labels, info.classes)
-                if not params.per_class:
-                    groups = groups[:1]
-                entry: dict[str, Any] = {"n_samples": len(s), "class_labelled": s.class_labelled}
-                for name, r_idx, f_idx in groups:
-                    scores = score_group(specs, params, real, s, r_idx, f_idx, feats)
-                    if name == "overall":
-                        entry["overall"] = scores
-                    else:
-                        entry.setdefault("per_class", {})[name] = scores
-                results[model] = entry
+            with progress("evaluate models", total=len(synth), unit="model") as models_bar:
+                for model in synth:
+                    s = synth[model]
+                    feats = {sp: (real_f[sp], fake_f[model][sp]) for sp in real_f}
+                    groups = comparison_groups(s, real.labels, info.classes)
+                    if not params.per_class:
+                        groups = groups[:1]
+                    entry: dict[str, Any] = {"n_samples": len(s), "class_labelled": s.class_labelled}
+                    for name, r_idx, f_idx in groups:
+                        scores = score_group(specs, params, real, s, r_idx, f_idx, feats)
+                        if name == "overall":
+                            entry["overall"] = scores
+                        else:
+                            entry.setdefault("per_class", {})[name] = scores
+                    results[model] = entry
+                    models_bar.advance(1, note=model)
         else:
             notes.append("no synthetic sets found: nothing to evaluate.")
         metrics = {

@@ -52,9 +52,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torch import nn
 
+from pipeline.console import progress
 from pipeline.fsutil import atomic_file
 
 ARCH_VERSION = 2          # bump when the architecture or training recipe changes (invalidates caches)
@@ -165,15 +165,14 @@ def train_feature_net(images: np.ndarray, labels: np.ndarray, num_classes: int, 
         x_all, y_all = to_input(images), torch.from_numpy(labels.astype(np.int64))
         weights = balanced_sampling_weights(labels)
         net.train()
-        with Progress(transient=True) as progress:
-            task = progress.add_task("domain feature network", total=total)
+        with progress("domain feature network", total=total, unit="step") as bar:
             for _ in range(total):
                 idx = draw_balanced(weights, bs, gen)
                 loss = F.cross_entropy(net(augment_batch(x_all[idx], gen)), y_all[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                progress.advance(task)
+                bar.advance(1)
         recalibrate_batchnorm(net, x_all, batch_size)
     return net.eval()
 
