@@ -6,8 +6,9 @@
 The plan for sample `index` is a pure function of (generate.seed, index): its class, its
 normal image (the normal pool is cycled: index mod pool size) and its seed
 (`sampler.sample_seed`). Each actor loads the trained EMA generator once (`__init__` ->
-`load_trained`) and synthesises sample by sample after `torch.manual_seed(sample seed)`, so
-the images do not depend on the number of actors, batch size or block layout.
+`load_trained`) and synthesises its batches through `Sampler` (fixed-size chunks, each
+sample's noise from its own seed: sampler.py's "Reproducibility"), so the images do not depend
+on the number of actors, batch size or block layout.
 
 Rounds: round 1 asks for `per_class` samples per class; samples the quality filter drops are
 replaced in further rounds with new indices (hence new seeds), up to `generate.max_rounds`.

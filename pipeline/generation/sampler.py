@@ -3,11 +3,26 @@
 No Ray here: `ray_generate.py` wraps `Sampler` in an actor, the benchmark's bare loop and the
 tests call it directly.
 
-Reproducibility. Every sample has its own seed, `sample_seed(generate.seed, sample index)`, and
-is synthesised alone (batch of 1) right after `torch.manual_seed(sample seed)`. Families draw
-their noise from the global torch RNG, so this is what makes a sample independent of how Ray
-cut the work into batches and actors: same seed and index -> same pixels, whatever the split.
-Batching several samples into one `synthesize` call would mix their noise draws.
+Reproducibility. A sample's pixels are a function of (generate.seed, sample index) only, not
+of how Ray cut the work into batches and actors (nor of generate.batch_size). Two things make
+that hold while samples are synthesised in batches:
+- Noise: every sample has its own seed, `sample_seed(generate.seed, index)`, and families draw
+  all noise at sampling time through `pipeline.models.noise`. Inside `per_sample_noise(seeds)`
+  sample i's noise (Defect-GAN's noise maps, ProGAN/DCGAN latents, Pix2Pix's test-time dropout)
+  comes from its own generator seeded with its seed, whatever shares its batch. Nothing else in
+  a family's `synthesize` mixes samples (instance norm, eval-mode or per-sample batch norm;
+  ProGAN's minibatch stddev is in D only).
+- Arithmetic: conv kernels pick their algorithm and blocking by the input shape, so the same
+  sample computed in a batch of 1 and of 16 differs in the last float bits (measured: up to
+  1e-6), enough to flip a rounded pixel now and then. `synthesize` therefore always runs on
+  COMPUTE_BATCH samples: a call's samples are cut into chunks of COMPUTE_BATCH and the last chunk
+  is padded with copies of its last sample (their outputs are dropped). With the shape fixed, a
+  sample's result does not depend on its position in the chunk or on its neighbours (every layer
+  computes each sample separately; tests/test_generation.py checks byte equality for batches of
+  1, 3 and 16 and across actor counts). Same device type and torch build assumed: a GPU or
+  another torch version gives other last bits.
+Ray batches of a multiple of COMPUTE_BATCH (generate.batch_size 16, the default) waste nothing;
+the padding costs only on a block's last, partial batch.
 
 Quality filter. Masks are thresholded at 0.5; a sample whose mask covers less than
 `min_mask_fraction` or more than `max_mask_fraction` of the image is dropped (an empty mask
@@ -27,11 +42,15 @@ from PIL import Image
 from pipeline.errors import DataError
 from pipeline.generation.placement import Placement, to_tensor
 from pipeline.models.base import GANFamily
+from pipeline.models.noise import per_sample_noise
 
 # Families whose synthesize() returns all-zero masks (no mask output, no normal input).
 MASKLESS_FAMILIES = frozenset({"progan", "dcgan"})
 DEFECT_LABEL = "defect"     # output class of families that cannot choose a defect class
 DEFECT_LABEL_IDX = -1
+# Samples per synthesize call, fixed so that a sample's arithmetic never depends on the batch
+# it came in (module doc). 16: the default generate.batch_size, near the CPU's batched speed.
+COMPUTE_BATCH = 16
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -96,7 +115,8 @@ def keep(fractions: np.ndarray, lo: float, hi: float, filtered: bool) -> np.ndar
 # ---- the sampler -------------------------------------------------------------------------------
 
 class Sampler:
-    """Runs one loaded family on batches of normal images, sample by sample (see module doc)."""
+    """Runs one loaded family on batches of normal images, COMPUTE_BATCH samples per synthesize
+    call, each sample's noise from its own seed (see module doc)."""
 
     def __init__(self, family: GANFamily, placement: Placement, device: str | torch.device = "cpu"):
         self.family = family.eval()
@@ -118,12 +138,17 @@ class Sampler:
         x = to_unit(normal_u8, self.device)                        # (B, C, H, W)
         r = to_tensor(regions, self.device)                         # (B, 1, H, W)
         y = torch.tensor(np.array(labels, np.int64), device=self.device)
+        n = len(seeds)
         out_images, out_masks = [], []
-        for i in range(len(seeds)):
-            torch.manual_seed(int(seeds[i]))   # also seeds CUDA: same noise on any split
-            img, mask = self.family.synthesize(x[i:i + 1], y[i:i + 1], r[i:i + 1])
-            out_images.append(images_u8(img))
-            out_masks.append(binary_masks(mask))
+        for start in range(0, n, COMPUTE_BATCH):
+            # Rows of this chunk; a short last chunk repeats its last sample up to COMPUTE_BATCH.
+            rows = np.minimum(np.arange(start, start + COMPUTE_BATCH), n - 1)
+            take = torch.from_numpy(rows).to(self.device)
+            with per_sample_noise(np.asarray(seeds)[rows]):
+                img, mask = self.family.synthesize(x[take], y[take], r[take])
+            real = min(COMPUTE_BATCH, n - start)
+            out_images.append(images_u8(img[:real]))
+            out_masks.append(binary_masks(mask[:real]))
         images = np.concatenate(out_images)
         masks = np.concatenate(out_masks)
         return {"images": images, "masks": masks, "regions": regions,

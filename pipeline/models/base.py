@@ -158,9 +158,11 @@ class GANFamily(nn.Module):
                    region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Make defect images of classes `labels` (B,) long, indices into spec.classes (>= 1).
 
-        normal: (B, C, H, W) clean images in [-1, 1] (noise-based families ignore them and
-        draw noise from the global torch RNG). region: optional (B, 1, H, W) in {0, 1}, where
-        the defect should go (Defect-GAN honours it; others ignore it).
+        normal: (B, C, H, W) clean images in [-1, 1] (noise-based families ignore them).
+        All noise is drawn through `pipeline.models.noise` with the batch first, so the
+        generation stage can give every sample its own stream (`per_sample_noise`).
+        region: optional (B, 1, H, W) in {0, 1}, where the defect should go (Defect-GAN honours
+        it; others ignore it).
         Returns (images (B, C, H, W) in [-1, 1], masks (B, 1, H, W) in [0, 1]). Families
         without a mask output return |image - normal| averaged over channels, rescaled to [0, 1],
         or zeros for noise-based families. Uses the family's current (EMA-loaded) weights.

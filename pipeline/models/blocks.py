@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from pipeline.models import noise
+
 NORMS = ("instance", "instance-affine", "batch", "none")
 
 
@@ -71,6 +73,15 @@ def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
     if is_channels_last(tensors[0]) and not is_channels_last(out):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same module, no state) whose mask is drawn through pipeline.models.noise: the
+    global RNG in training, each sample's own stream at generation (Pix2Pix keeps dropout on at
+    test time)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return noise.dropout(x, self.p, self.training, self.inplace)
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -337,7 +348,7 @@ class _UnetBlock(nn.Module):
             down = [nn.LeakyReLU(0.2, True), down_conv, norm_layer(norm, inner_nc)]
             up = [nn.ReLU(True), nn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, 2, 1, bias=bias),
                   norm_layer(norm, outer_nc)]
-            layers = down + [submodule] + up + ([nn.Dropout(0.5)] if dropout else [])
+            layers = down + [submodule] + up + ([Dropout(0.5)] if dropout else [])
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline.config import positive, require
 from pipeline.errors import ParamsError
-from pipeline.models import losses
+from pipeline.models import losses, noise
 from pipeline.models.base import DataSpec, GANFamily, Stats
 from pipeline.models.blocks import DCGANDiscriminator, DCGANGenerator, init_weights
 
@@ -118,7 +118,9 @@ class DCGAN(GANFamily):
         return batch["label"] if self.cfg.conditioning != "none" else None
 
     def _noise(self, n: int, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        z = torch.randn(n, self.cfg.z_dim, generator=generator)     # CPU draw: same numbers on any device
+        # CPU draw: same numbers on any device
+        z = noise.randn(n, self.cfg.z_dim) if generator is None else \
+            torch.randn(n, self.cfg.z_dim, generator=generator)
         return z.to(device=like.device, dtype=like.dtype)
 
     def forward_g(self, batch):

@@ -29,7 +29,7 @@ from torch import nn
 
 from pipeline.config import positive, require
 from pipeline.errors import PipelineError
-from pipeline.models import losses
+from pipeline.models import losses, noise
 from pipeline.models.base import DataSpec, GANFamily, Stats
 from pipeline.models.base import fixed_rng as _fixed_rng
 from pipeline.models.equalized import EqualizedConv2d, EqualizedLinear, MinibatchStdDev, PixelNorm
@@ -257,7 +257,7 @@ class ProGAN(GANFamily):
         return batch["label"] if self.cfg.conditional else None
 
     def _z(self, n: int, device) -> torch.Tensor:
-        return torch.randn(n, self.cfg.latent_dim, device=device)
+        return noise.randn(n, self.cfg.latent_dim, device=device)
 
     def forward_g(self, batch):
         real = batch["image"]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models import noise as sampling_noise
 from pipeline.models.blocks import InstanceNorm, is_channels_last
 
 
@@ -150,7 +151,8 @@ class NoiseInjection(nn.Module):
     """x + weight * noise: one learned scale per channel (init 0), one noise map per sample.
 
     Defect-GAN's "adaptive noise insertion" (as StyleGAN's per-layer noise): noise (B, 1, H, W)
-    ~N(0, 1) is drawn from the global torch RNG unless given, and broadcast over channels.
+    ~N(0, 1) is drawn through pipeline.models.noise unless given (the global torch RNG in training,
+    each sample's own stream at generation), and broadcast over channels.
     """
 
     def __init__(self, channels: int):
@@ -160,7 +162,7 @@ class NoiseInjection(nn.Module):
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         if noise is None:
             b, _, h, w = x.shape
-            noise = torch.randn(b, 1, h, w, device=x.device, dtype=x.dtype)
+            noise = sampling_noise.randn(b, 1, h, w, device=x.device, dtype=x.dtype)
         # In the weight's dtype the bf16 activations would be promoted to fp32 for the rest of
         # the network (autocast does not cover elementwise ops).
         return x + self.weight.to(x.dtype) * noise
