@@ -506,3 +506,24 @@ def test_do_nothing_baseline_is_the_unmodified_inputs_and_real_defects_beat_it(t
     off = EvaluateParams(metrics=["fid_domain"], feature_epochs=2, feature_min_steps=30, per_class=False,
                          do_nothing_baseline=False)
     assert set(run_evaluate(off, prepared, tmp_path / "syn", tmp_path / "out2", ["defectgan"])["models"]) == {"defectgan"}
+
+
+def test_data_whose_defect_class_is_named_defect_accepts_both_labellings(tmp_path):
+    """elpv's one defect class is called "defect": a class-conditional model writes it with index 1,
+    an unconditional one with -1 (the "no class chosen" label); both load, and a wrong index is
+    still an error."""
+    from pipeline.metrics.data import PreparedInfo, load_synthetic
+
+    info = PreparedInfo(tmp_path / "classes.json", ["normal", "defect"], RES, 3)
+    img, mask = draw(1, np.random.default_rng(0))
+    path = tmp_path / "samples.parquet"
+
+    def write(idx: list[int]) -> None:
+        pq.write_table(pa.Table.from_pylist([dict(id=f"s{i}", label="defect", label_idx=k, image_png=_png(img),
+                                                  mask_png=_png(mask * 255)) for i, k in enumerate(idx)]), path)
+
+    write([1, -1])
+    assert list(load_synthetic(path, info, "m").label_idx) == [1, -1]
+    write([0])
+    with pytest.raises(PipelineError, match="label_idx 0"):
+        load_synthetic(path, info, "m")

@@ -190,8 +190,12 @@ def load_synthetic(samples_path: Path, info: PreparedInfo, model: str | None = N
         raise DataError(f"{path}: labels {unknown} are not classes of {info.path} ({info.classes}, or "
                         f"'{DEFECT_LABEL}'). The synthetic set was made for other data: regenerate it "
                         "from a model trained on this prepared dataset.")
-    expected = np.asarray([-1 if n == DEFECT_LABEL else info.classes.index(n) for n in names], np.int64)
-    bad = np.nonzero(expected != idx)[0]
+    expected = np.asarray([-1 if n == DEFECT_LABEL and n not in info.classes else info.classes.index(n)
+                           for n in names], np.int64)
+    # Data whose one defect class is itself named "defect" (elpv): class-conditional models write
+    # it with its class index, unconditional ones with -1; both are that class.
+    either = (np.asarray(names) == DEFECT_LABEL) & (idx == -1)
+    bad = np.nonzero((expected != idx) & ~either)[0]
     if bad.size:
         i = int(bad[0])
         raise DataError(f"{path}: sample {cols['id'][i]!r} has label {names[i]!r} but label_idx {idx[i]} "

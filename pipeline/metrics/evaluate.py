@@ -60,7 +60,7 @@ def comparison_groups(fake: SyntheticSet, real_labels: np.ndarray,
                       classes: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """[(group name, real indices, fake indices)]: "overall" first, then one per generated label."""
     names = [c for c in classes if c in set(fake.label_names)]
-    if DEFECT_LABEL in set(fake.label_names):
+    if DEFECT_LABEL in set(fake.label_names) and DEFECT_LABEL not in names:
         names.append(DEFECT_LABEL)
 
     def real_of(name: str) -> np.ndarray:
