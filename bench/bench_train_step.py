@@ -30,6 +30,8 @@ The engine's defaults are the "fast" mode's levers minus whatever is flagged (se
     python bench/bench_train_step.py                               # full table, 64 and 128 px
     python bench/bench_train_step.py --reference --ablation        # issue's reference configs
     python bench/bench_train_step.py --quick                       # smoke test (~2 min)
+    python bench/bench_train_step.py --side-by-side --no-main --repeats 3 --families stargan,defectgan,cyclegan
+                                    # the reference code timed beside the project, A B A B
 """
 
 from __future__ import annotations
@@ -309,7 +311,70 @@ def _time(fn) -> float:
 
 # (family, px, batch, reference img/s): the issue's reference steps; Defect-GAN is held to the
 # StarGAN figure (same batch; it trains both directions, 16 normal + 16 defect images per call).
+# These figures were measured on another day: --side-by-side times the references instead.
 REFERENCE = [("cyclegan", 128, 1, 0.27), ("stargan", 128, 16, 1.58), ("defectgan", 128, 16, 1.58)]
+
+# --side-by-side: the public reference step scripts (../shared/peers, called by path, nothing
+# copied), each paired with the project's step on the same config. Paper configs on both sides:
+# the project's family Config defaults are the papers' (StarGAN: 64 channels, 6 blocks, its 6-layer
+# D, n_critic 5; CycleGAN: 64 channels, 6 blocks below 256 px; Defect-GAN against the StarGAN
+# reference at the same resolution and batch).
+PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers"
+SIDE_BY_SIDE = [  # (family, px, batch, reference script, its arguments)
+    ("stargan", 128, 16, "ref_stargan_step.py", ["128", "16"]),
+    ("defectgan", 128, 16, "ref_stargan_step.py", ["128", "16"]),
+    ("cyclegan", 128, 1, "ref_cyclegan_step.py", ["128", "1", "6"]),
+]
+
+
+def run_reference(script: str, script_args: list[str], threads: int, timeout_s: float) -> float:
+    """img/s printed by one run of a peers/ step script (NaN when it fails)."""
+    path = PEERS / script
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: --side-by-side needs ../shared/peers beside the repository "
+                         "(see its README.md)")
+    try:
+        proc = subprocess.run([sys.executable, str(path), *script_args, str(threads)], capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return float("nan")
+    for line in reversed(proc.stdout.splitlines()):
+        if "img/s" in line:
+            return float(line.split(": ")[-1].split(" img/s")[0])
+    print(f"  reference {script} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", file=sys.stderr)
+    return float("nan")
+
+
+def side_by_side(args, run) -> None:
+    """A B A B: per config, `--repeats` pairs of (reference run, project run in --side-mode),
+    back to back, so a busy spell of the machine hits both halves of a pair; ratio per pair and
+    the median ratio."""
+    import math
+
+    threads = os.cpu_count() or 1          # the project child uses torch's default, = cores
+    wanted = [c for c in SIDE_BY_SIDE if c[0] in args.families.split(",")]
+    lines = ["| config | reference | pair | reference img/s | project img/s | ratio |", "|---|---|---|---|---|---|"]
+    summary = []
+    for fam, res, batch, script, script_args in wanted:
+        ratios = []
+        for k in range(args.repeats):
+            ref = run_reference(script, script_args, threads, args.child_timeout)
+            mine = run(fam, res, args.side_mode, batch).get("img_s", float("nan"))
+            ratio = mine / ref if ref and not math.isnan(ref) else float("nan")
+            ratios.append(ratio)
+            lines.append(f"| {fam} {res} px batch {batch} | {script} {' '.join(script_args)} | {k + 1} | "
+                         f"{ref:.2f} | {mine:.2f} | {ratio:.2f}x |")
+            print(f"  pair {k + 1}: reference {ref:.2f} img/s, {fam} {args.side_mode} {mine:.2f} img/s",
+                  file=sys.stderr, flush=True)
+        ok = sorted(r for r in ratios if not math.isnan(r))
+        med = statistics.median(ok) if ok else float("nan")
+        summary.append(f"| {fam} {res} px batch {batch} | {args.side_mode} | {med:.2f}x | "
+                       f"{' / '.join(f'{r:.2f}' for r in ratios)} | {'yes' if med >= 3 else 'no'} |")
+    print(f"\n### Side by side with the reference code ({threads} threads on both sides, "
+          f"OMP_WAIT_POLICY {args.omp_wait} for the project)\n")
+    print("\n".join(lines))
+    print("\n| config | project mode | median ratio | ratio of each pair | >= 3x |\n|---|---|---|---|---|")
+    print("\n".join(summary))
 ABLATION = [BASE_MODE, "fp32+spin", "fp32+t1", "fp32+sep", "fp32+fused", "fp32+cl", "bf16", "bf16+cl",
             "bf16+fused", "bf16+t1", "bf16+fused+t1", "bf16+fused+t1+compile"]
 
@@ -334,6 +399,10 @@ def main(argv=None) -> None:
                    help="the issue's reference configs (cyclegan 128 px batch 1, stargan 128 px batch 16) "
                         "in --modes, against the reference figures")
     p.add_argument("--ablation", action="store_true", help="one lever at a time on the reference configs")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="time ../shared/peers' reference steps interleaved with the project's (A B A B, "
+                        "--repeats pairs per config) and report the ratio per pair and its median")
+    p.add_argument("--side-mode", default=FAST_MODE, help="project mode for --side-by-side")
     p.add_argument("--no-main", action="store_true", help="skip the per-family table")
     p.add_argument("--child-timeout", type=float, default=1800, help="seconds per measurement before it is "
                    "recorded as an error (an OMP-spinning row on a busy machine can crawl)")
@@ -404,6 +473,9 @@ def main(argv=None) -> None:
             row["runs"] = [r.get("img_s", float("nan")) for r in runs[c]]
             out.append(row)
         return out
+
+    if args.side_by_side:
+        side_by_side(args, run)
 
     if not args.no_main:
         rows = run_set([(fam, res, mode, None) for fam in families for res in resolutions for mode in modes])
