@@ -527,3 +527,18 @@ def test_data_whose_defect_class_is_named_defect_accepts_both_labellings(tmp_pat
     write([0])
     with pytest.raises(PipelineError, match="label_idx 0"):
         load_synthetic(path, info, "m")
+
+
+def test_class_named_defect_is_compared_with_its_own_real_images_only():
+    """When a data class is itself named "defect", its samples are compared with that class's
+    real images, not with every real defect image."""
+    from pipeline.metrics.data import SyntheticSet
+    from pipeline.metrics.evaluate import comparison_groups
+
+    z = np.zeros((2, 1, RES, RES), np.uint8)
+    fake = SyntheticSet("m", Path("x"), np.zeros((2, 3, RES, RES), np.uint8), z, z, np.zeros(2, bool),
+                        np.asarray(["defect", "defect"]), np.asarray([1, 1]))
+    groups = {name: (r, f) for name, r, f in comparison_groups(fake, np.asarray([0, 1, 2, 1]),
+                                                                ["normal", "defect", "crack"])}
+    assert list(groups) == ["overall", "defect"]
+    assert list(groups["defect"][0]) == [1, 3] and list(groups["overall"][0]) == [1, 3]

@@ -64,7 +64,7 @@ def comparison_groups(fake: SyntheticSet, real_labels: np.ndarray,
         names.append(DEFECT_LABEL)
 
     def real_of(name: str) -> np.ndarray:
-        if name == DEFECT_LABEL:
+        if name == DEFECT_LABEL and name not in classes:   # "no class chosen": every real defect
             return np.nonzero(real_labels >= 1)[0]
         return np.nonzero(real_labels == classes.index(name))[0]
 
