@@ -19,6 +19,7 @@ and writes OUT/preview.png: per class, 8 samples and their masks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,10 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipeline  # noqa: E402,F401  (offline library defaults)
-from pipeline.config import AugmentParams, TrainCommonParams, from_dict  # noqa: E402
+from pipeline.config import AugmentParams, TrainCommonParams, from_dict, load_params  # noqa: E402
 from pipeline.data.datasets import decode_images  # noqa: E402
 from pipeline.generation.placement import jitter_mask, random_box, real_class_masks  # noqa: E402
-from pipeline.metrics.features import predict, train_feature_net  # noqa: E402
+from pipeline.fsutil import file_sha256  # noqa: E402
+from pipeline.metrics.features import domain_feature_net, extract_features, predict, train_feature_net  # noqa: E402
+from pipeline.metrics.kernel import fid_from_features  # noqa: E402
+from pipeline.training.ray_train import train_job  # noqa: E402
 from pipeline.models import REGISTRY  # noqa: E402
 from pipeline.training.loop import Trainer, TrainJob  # noqa: E402
 
@@ -51,14 +55,29 @@ def main() -> None:
     p.add_argument("--placement", choices=("random", "real"), default="random")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--samples", type=int, default=30, help="per defect class")
+    p.add_argument("--params", type=Path, default=None,
+                   help="start from this params file's train.defectgan / train.common / prepare.augment "
+                        "(the overrides then go on top) instead of the family's paper defaults")
+    p.add_argument("--scorer", choices=("bench", "evaluate"), default="bench",
+                   help="bench: a classifier trained here (20 epochs); evaluate: the evaluate stage's domain "
+                        "network with --params' evaluate settings (the DAG's class_accuracy_domain scorer)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    common = from_dict(TrainCommonParams, {"kimg": args.kimg, "batch_size": args.batch, "snapshot_ticks": 1000,
-                                           "tick_kimg": max(args.kimg / 10, 0.05), "ema_decay": 0.99}, "common")
-    cfg = from_dict(REGISTRY["defectgan"].Config, json.loads(args.overrides), "train.defectgan")
-    job = TrainJob("defectgan", common, cfg, args.prepared, args.out / "model", args.out / "work",
-                   augment=AugmentParams(hflip=0.5))
+    overrides = json.loads(args.overrides)
+    if args.params is not None:
+        params = load_params(args.params)
+        job = train_job(params, "defectgan", args.prepared, args.out / "model")
+        job.common = dataclasses.replace(job.common, kimg=args.kimg, snapshot_ticks=1000)
+        job.family_cfg = dataclasses.replace(job.family_cfg, **overrides)
+        job.family_cfg.validate("train.defectgan")
+        job.work_dir = args.out / "work"
+    else:
+        common = from_dict(TrainCommonParams, {"kimg": args.kimg, "batch_size": args.batch, "snapshot_ticks": 1000,
+                                               "tick_kimg": max(args.kimg / 10, 0.05), "ema_decay": 0.99}, "common")
+        cfg = from_dict(REGISTRY["defectgan"].Config, overrides, "train.defectgan")
+        job = TrainJob("defectgan", common, cfg, args.prepared, args.out / "model", args.out / "work",
+                       augment=AugmentParams(hflip=0.5))
     start = time.time()
     trainer = Trainer(job)
     trainer.run()
@@ -71,13 +90,23 @@ def main() -> None:
     fam.eval()
     train, test = decode_images(args.prepared, "train"), decode_images(args.prepared, "test")
     K, res = fam.spec.num_classes, fam.spec.resolution
-    net = train_feature_net(train["image"].numpy(), train["label"].numpy(), K, epochs=20, seed=0, min_steps=300)
+    if args.scorer == "evaluate":
+        if args.params is None:
+            p.error("--scorer evaluate needs --params (its evaluate settings)")
+        ev = params.evaluate
+        net, _ = domain_feature_net(train["image"].numpy(), train["label"].numpy(), K,
+                                    data_digest=file_sha256(args.prepared / "images.parquet"),
+                                    epochs=ev.feature_epochs, seed=ev.seed, batch_size=ev.feature_batch_size,
+                                    min_steps=ev.feature_min_steps, cache_in=args.out.parent / "feature_net.pt",
+                                    cache_out=args.out.parent / "feature_net.pt")
+    else:
+        net = train_feature_net(train["image"].numpy(), train["label"].numpy(), K, epochs=20, seed=0, min_steps=300)
     real_acc = float((predict(net, test["image"].numpy()) == test["label"].numpy()).mean())
     val = decode_images(args.prepared, "val")
     normals = val["image"][val["label"] == 0]
     class_masks = real_class_masks(args.prepared) if args.placement == "real" else {}
     gen = torch.Generator().manual_seed(0)
-    images, labels, regions, masks = [], [], [], []
+    images, labels, regions, masks, inputs = [], [], [], [], []
     for k in range(1, K):
         x = normals[torch.randint(0, len(normals), (args.samples,), generator=gen)].float() / 127.5 - 1
         region = np.stack([jitter_mask(class_masks[k], 1000 * k + i) if k in class_masks
@@ -85,14 +114,24 @@ def main() -> None:
         torch.manual_seed(k)
         y, m = fam.synthesize(x, torch.full((args.samples,), k), torch.from_numpy(region).float()[:, None])
         images.append(((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        inputs.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         labels += [k] * args.samples
         regions.append(torch.from_numpy(region).float()[:, None])
         masks.append((m >= 0.5).float())
     images, regions, masks, labels = torch.cat(images), torch.cat(regions), torch.cat(masks), np.array(labels)
+    inputs = torch.cat(inputs)
     frac = masks.flatten(1).mean(1)
     mass = masks.flatten(1).sum(1)
     inside = (masks * regions).flatten(1).sum(1)[mass > 0] / mass[mass > 0]
     pred = predict(net, images.numpy())
+    # fid_domain of the samples and of their unmodified normal inputs (doing nothing) against the real
+    # defect images of val + test, in the scorer's feature space (evaluate's fid_domain, all classes).
+    real_defects = np.concatenate([d["image"][d["label"] > 0].numpy() for d in (val, test)])
+    real_f = extract_features(net, real_defects)
+    fid = fid_from_features(real_f, extract_features(net, images.numpy()))
+    fid_nothing = fid_from_features(real_f, extract_features(net, inputs.numpy()))
+    confusion = {fam.spec.classes[k]: {fam.spec.classes[j]: int((pred[labels == k] == j).sum()) for j in range(K)}
+                 for k in range(1, K)}
     print(json.dumps({
         "train_s": round(train_s), "real_test_acc": round(real_acc, 3),
         "kept": round(float(((frac >= 0.002) & (frac <= 0.9)).float().mean()), 3),
@@ -101,6 +140,8 @@ def main() -> None:
         "mean_area": round(float(frac.mean()), 4),
         "class_acc": round(float((pred == labels).mean()), 3),
         "per_class": {fam.spec.classes[k]: round(float((pred[labels == k] == k).mean()), 3) for k in range(1, K)},
+        "fid_domain": round(fid, 1), "fid_domain_do_nothing": round(fid_nothing, 1),
+        "confusion": confusion,
     }), flush=True)
 
     rows = []

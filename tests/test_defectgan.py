@@ -1,11 +1,13 @@
 """Defect-GAN (METHODS.md, "Defect-GAN"): composition, control map, losses, engine isolation, placement."""
 
+import math
 import pytest
 import torch
 from torch import nn
 
 from pipeline.config import from_dict
 from pipeline.errors import ParamsError, PipelineError
+from pipeline.models import defectgan
 from pipeline.models.base import DataSpec
 from pipeline.models.defectgan import (Config, DefectGAN, compose, control_map, sd_constraint_loss,
                                        sd_cycle_loss)
@@ -395,7 +397,7 @@ def test_masks_control_takes_class_and_region_from_the_batchs_real_defects(tiny_
 def test_region_and_mask_supervision_terms_hand_computed(tiny_spec):
     torch.manual_seed(0)
     fam = DefectGAN(tiny_cfg(train_control="boxes", lambda_region=3.0, lambda_mask_sup=2.0,
-                             lambda_defect_rec=4.0), tiny_spec)
+                             lambda_defect_rec=4.0, mask_sup_loss="balanced_bce"), tiny_spec)
     fam.G = HandSetG()          # f = 0; m = 0.25 where A asks for a defect, 0.75 where it asks for normal
     batch = unpaired_batch(tiny_spec)
     batch["mask_b"][:2, :, 4:8, 4:8] = 1
@@ -427,6 +429,49 @@ def test_region_and_mask_supervision_terms_hand_computed(tiny_spec):
              + c.lambda_sd_cyc * stats["G/sd_cyc"] + c.lambda_sd_con * stats["G/sd_con"])
     assert loss.item() == pytest.approx(paper + 3.0 * expected_region.item() + 2.0 * expected_sup.item()
                                         + 4.0 * expected_defect.item(), rel=1e-5)
+
+
+def test_dice_bce_mask_supervision_hand_computed(tiny_spec):
+    torch.manual_seed(0)
+    fam = DefectGAN(tiny_cfg(train_control="boxes", lambda_mask_sup=2.0, mask_sup_loss="dice_bce"), tiny_spec)
+    fam.G = HandSetG()          # m = 0.25 where A asks for a defect, 0.75 where it asks for normal
+    batch = unpaired_batch(tiny_spec)
+    batch["mask_b"][:2, :, 4:8, 4:8] = 1                            # 16 defect pixels of 256
+    batch["has_mask_b"] = torch.tensor([True, True, False, False])
+    _, stats = fam.g_loss(batch, fakes := fam.forward_g(batch))
+    assert "region" in fakes
+    # m_r = 0.75 everywhere: Dice = 1 - 2 * 0.75 * 16 / (0.75 * 256 + 16); pixel BCE =
+    # (16 * -log 0.75 + 240 * -log 0.25) / 256.
+    dice_r = 1 - 2 * 0.75 * 16 / (0.75 * 256 + 16)
+    bce_r = (16 * -math.log(0.75) + 240 * -math.log(0.25)) / 256
+    # m_b^ = 0.25 inside the dilated 6 x 6 region, 0.75 outside: Dice = 1 - 2 * 0.25 * 16 /
+    # (0.25 * 36 + 0.75 * 220 + 16); BCE = (16 * -log 0.25 + 20 * -log 0.75 + 220 * -log 0.25) / 256.
+    dice_bh = 1 - 2 * 0.25 * 16 / (0.25 * 36 + 0.75 * 220 + 16)
+    bce_bh = (16 * -math.log(0.25) + 20 * -math.log(0.75) + 220 * -math.log(0.25)) / 256
+    assert stats["G/mask_sup"] == pytest.approx(dice_r + bce_r + dice_bh + bce_bh, rel=1e-5)
+
+
+def test_balanced_bce_calls_uncertain_pixels_defect_and_dice_bce_does_not():
+    # Ten real defects share a 50 px core (2 % of the image); a 76 px rim around it is defect in
+    # one of them only (pi = 0.1). The best constant mask value q on the rim: balanced BCE (defect
+    # pixels weigh ~25x) puts it above the 0.5 threshold, so every rim pixel is drawn as defect,
+    # the fat masks measured on the classic preset; dice_bce keeps it below.
+    target = torch.zeros(10, 1, 50, 50)
+    target[..., 20:25, 20:30] = 1
+    rim = torch.zeros(1, 1, 50, 50)
+    rim[..., 18:27, 18:32] = 1
+    rim = rim - target[:1]
+    target[0] += rim[0]
+    core = target[1:2]
+    qs = torch.linspace(0.05, 0.95, 19)
+    def best_q(form):
+        losses_q = [defectgan.mask_supervision((core * 0.99 + rim * q + (1 - core - rim) * 0.01).expand(10, -1, -1, -1),
+                                               target, form).item() for q in qs]
+        return qs[int(torch.tensor(losses_q).argmin())].item()
+    assert best_q("balanced_bce") > 0.5
+    assert best_q("dice_bce") < 0.5
+    with pytest.raises(PipelineError, match="mask_sup_loss"):
+        tiny_cfg(mask_sup_loss="l2").validate("train.defectgan")
 
 
 def test_paper_control_has_no_region_and_mask_bias_starts_small(tiny_spec):
