@@ -65,7 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.config import REPO_ROOT, flatten
+from pipeline.config import REPO_ROOT
+from pipeline.validation import flatten
 from pipeline.errors import PipelineError
 from pipeline.fsutil import file_sha256  # noqa: F401  (re-exported: stages and tests use tracking.file_sha256)
 

@@ -117,6 +117,14 @@ def textures(n: int, seed: int, res: int = 32) -> np.ndarray:
 
 # --------------------------------------------------------------------------- registry
 
+def test_declared_metric_names_are_the_registered_metrics():
+    from pipeline.config import METRIC_NAMES
+
+    assert sorted(METRIC_NAMES) == registry.known_metrics()
+    with pytest.raises(ValueError, match="not declared"):
+        registry.register_metric("undeclared_metric")(lambda real, fake, ctx: 0.0)
+
+
 def test_unknown_metric_name_lists_known_ones():
     with pytest.raises(ParamsError) as err:
         registry.validate_metric_names(["swd", "fid_domian"])

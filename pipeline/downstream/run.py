@@ -71,6 +71,7 @@ from pipeline.console import progress
 from pipeline.downstream import scores, stats
 from pipeline.downstream.augment import strong_classical
 from pipeline.downstream.classifier import StopRule, predict, train_classifier
+from pipeline.downstream.conditions import CLASSICAL_SUFFIX, HEADLINE, REFERENCE, SYNTH_PREFIX
 from pipeline.downstream.copy_paste import classes_without_masks, copy_paste
 from pipeline.errors import DataError
 from pipeline.fsutil import atomic_entries
@@ -79,11 +80,7 @@ from pipeline.metrics.data import (ImageSet, PreparedInfo, SyntheticSet, find_mo
 
 log = logging.getLogger(__name__)
 
-REFERENCE = "real_only"
-SYNTH_PREFIX = "real_synth_"
-CLASSICAL_SUFFIX = "_classical"
 CAS_REAL = "real"
-HEADLINE = ("balanced_accuracy", "macro_f1")          # compared as paired differences
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from pipeline.config import positive, require
+from pipeline.validation import positive, require
 from pipeline.errors import ParamsError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import positive, require
+from pipeline.validation import positive, require
 from pipeline.errors import PipelineError
 from pipeline.models import losses, noise
 from pipeline.models.base import DataSpec, GANFamily, Stats

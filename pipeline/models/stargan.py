@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import positive, require
+from pipeline.validation import positive, require
 from pipeline.errors import ParamsError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
