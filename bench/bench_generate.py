@@ -46,10 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-                     "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
-    os.environ.setdefault(_key, _value)
-
+import pipeline  # noqa: F401,I001  (library environment defaults, pipeline/environment.py: before torch)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -389,9 +389,11 @@ class GenerateParams:
     cpus_per_actor: float = 0.5     # fractional: a full CPU per actor starves the reader on small machines
 
     def validate(self, where: str) -> None:
-        positive(self, where, "per_class", "batch_size")
+        require(self.per_class > 0, f"{where}.per_class", f"is {self.per_class}: zero images requested. "
+                "Set it to the number of images to generate per defect class (> 0).")
+        positive(self, where, "batch_size", "num_actors", "cpus_per_actor", "max_rounds")
         require(0 < self.box_min <= self.box_max <= 1, f"{where}.box_min",
-                "and box_max must satisfy 0 < box_min <= box_max <= 1.")
+                f"and box_max must satisfy 0 < box_min <= box_max <= 1, got {self.box_min}, {self.box_max}.")
         require(0 <= self.min_mask_fraction < self.max_mask_fraction <= 1, f"{where}.min_mask_fraction",
                 "and max_mask_fraction must satisfy 0 <= min < max <= 1.")
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.console import progress
 from pipeline.errors import DataError
-from pipeline.fsutil import atomic_dir, file_sha256
+from pipeline.fsutil import atomic_dir, file_sha256, json_safe
 from pipeline.metrics.data import (DEFECT_LABEL, DO_NOTHING, ImageSet, PreparedInfo, SyntheticSet,
                                    find_model_folders, load_do_nothing, load_real, load_synthetic,
                                    read_prepared_info)
@@ -226,25 +226,13 @@ def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path
             "models": results,
             "notes": notes,
         }
-        (tmp / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
         (tmp / "table.md").write_text(render_table(metrics, specs))
     _log_to_tracking(metrics, [out_dir / "metrics.json", out_dir / "table.md"])
     return metrics
 
 
 # --------------------------------------------------------------------------- outputs
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
 
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-from torch import nn
 
 from pipeline.validation import positive, require
 from pipeline.errors import ParamsError
@@ -87,12 +86,6 @@ class DCGAN(GANFamily):
         self._sample_seed = 0
 
     # ---- networks -------------------------------------------------------------------------
-    def generators(self) -> dict[str, nn.Module]:
-        return {"G": self.G}
-
-    def discriminators(self) -> dict[str, nn.Module]:
-        return {"D": self.D}
-
     @property
     def n_critic(self) -> int:
         if self.cfg.n_critic is not None:
@@ -155,10 +148,6 @@ class DCGAN(GANFamily):
             loss = loss + cfg.lambda_cls * cls
             stats["G/cls"] = cls.item()
         return loss, stats
-
-    def after_d_step(self) -> None:
-        if self.cfg.loss == "wgan":
-            losses.clip_weights(self.D, self.cfg.clip)
 
     # ---- sampling -------------------------------------------------------------------------
     @torch.no_grad()

@@ -87,17 +87,6 @@ class Pix2Pix(GANFamily):
         self.D = init_weights(PatchDiscriminator(2 * c, cfg.d_base_channels, patch_layers_for(res, cfg.d_layers),
                                                  norm=cfg.norm))
 
-    def generators(self) -> dict[str, nn.Module]:
-        return {"G": self.G}
-
-    def discriminators(self) -> dict[str, nn.Module]:
-        return {"D": self.D}
-
-    def make_optimizers(self):
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        return (torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr, betas=betas),
-                torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr, betas=betas))
-
     # ---- losses ---------------------------------------------------------------------------
     def forward_g(self, batch):
         return {"fake": self.G(batch["a"])}                       # (B, C, H, W) translated a -> b

@@ -202,18 +202,6 @@ class ProGAN(GANFamily):
         # by default, so a family built for generation uses what a finished run trained.
         self.level, self.alpha = self.max_level, 1.0
 
-    # ---- networks -------------------------------------------------------------------------
-    def generators(self) -> dict[str, nn.Module]:
-        return {"G": self.G}
-
-    def discriminators(self) -> dict[str, nn.Module]:
-        return {"D": self.D}
-
-    def make_optimizers(self):
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        return (torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr, betas=betas, eps=1e-8),
-                torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr, betas=betas, eps=1e-8))
-
     # ---- progressive growing --------------------------------------------------------------
     @property
     def current_resolution(self) -> int:

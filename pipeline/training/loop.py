@@ -82,9 +82,7 @@ class TrainJob:
 def read_spec(prepared_dir: Path) -> DataSpec:
     from pipeline.data.datasets import read_classes
 
-    info = read_classes(prepared_dir)
-    return DataSpec(resolution=int(info["resolution"]), channels=int(info["channels"]),
-                    classes=tuple(info["classes"]))
+    return DataSpec.from_dict(read_classes(prepared_dir))
 
 
 def _seed_all(seed: int) -> None:
@@ -158,8 +156,7 @@ class Trainer:
         return {
             "family": self.job.family,
             "config": self.job.resolved_config(),
-            "spec": {"resolution": self.spec.resolution, "channels": self.spec.channels,
-                     "classes": list(self.spec.classes)},
+            "spec": self.spec.to_dict(),
             "model": self.family.state_dict(),
             "ema": {name: m.state_dict() for name, m in self.ema.items()},
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
@@ -177,13 +174,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state["family"] != self.job.family:
             raise TrainingError(f"checkpoint is for family '{state['family']}', not '{self.job.family}'.")
-        spec = state["spec"]
-        if (spec["resolution"], spec["channels"], tuple(spec["classes"])) != \
-                (self.spec.resolution, self.spec.channels, self.spec.classes):
-            raise TrainingError(f"checkpoint was trained on {spec['resolution']} px, {spec['channels']} channels, "
-                                f"classes {spec['classes']}; the prepared data has {self.spec.resolution} px, "
-                                f"{self.spec.channels} channels, classes {list(self.spec.classes)}. "
-                                "Train a new run for this dataset.")
+        DataSpec.from_dict(state["spec"]).require_same(self.spec, "checkpoint", "the prepared data",
+                                                       "Train a new run for this dataset.", TrainingError)
         self.family.load_state_dict(state["model"])
         for name, m in self.ema.items():
             m.load_state_dict(state["ema"][name])
@@ -213,8 +205,7 @@ class Trainer:
 
     def _export(self) -> dict:
         return {"format": 1, "family": self.job.family, "config": self.job.resolved_config(),
-                "spec": {"resolution": self.spec.resolution, "channels": self.spec.channels,
-                         "classes": list(self.spec.classes)},
+                "spec": self.spec.to_dict(),
                 "generators": {name: m.state_dict() for name, m in self.ema.items()},
                 "family_extra": self.family.extra_state(), "nimg": self.nimg}
 
@@ -335,8 +326,7 @@ def load_trained(model_dir: Path, device: str | torch.device = "cpu") -> GANFami
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         cls = family_class(state["family"])
-        spec = DataSpec(resolution=state["spec"]["resolution"], channels=state["spec"]["channels"],
-                        classes=tuple(state["spec"]["classes"]))
+        spec = DataSpec.from_dict(state["spec"])
         cfg = from_dict(cls.Config, state["config"][state["family"]], f"train.{state['family']}")
         family = cls(cfg, spec)
         gens = family.generators()
