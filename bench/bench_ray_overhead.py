@@ -37,7 +37,7 @@ def _params(root: Path, kimg: float, batch: int):
     return from_dict(Params, {
         "train": {"common": {"kimg": kimg, "batch_size": batch, "tick_kimg": kimg / 4, "snapshot_ticks": 2},
                   "cyclegan": TINY_CYCLEGAN},
-        "generate": {"per_class": 8, "batch_size": 8, "num_actors": 1, "cpus_per_actor": 0.5, "max_rounds": 1},
+        "generate": {"per_class": 8, "ray_batch_size": 8, "num_actors": 1, "cpus_per_actor": 0.5, "max_rounds": 1},
         "ray": {"num_workers": 1, "cpus_per_worker": 1.0, "storage_path": str(root / "ray")}}, "params")
 
 

@@ -130,7 +130,7 @@ def train(stage: str = typer.Option(..., "--stage", help="GAN family to train"),
 @app.command()
 @user_errors
 def generate(params: Path = ParamsOpt,
-             model: Optional[str] = typer.Option(None, help="family whose generator to use (default generate.model)"),
+             model: Optional[str] = typer.Option(None, help="family whose generator to use (default generate.default_model)"),
              models_dir: Path = typer.Option(Path("models"), help="trained models folder"),
              data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
              out: Optional[Path] = typer.Option(None, help="output folder (default data/synthetic/<model>)"),
@@ -141,7 +141,7 @@ def generate(params: Path = ParamsOpt,
     from pipeline.generation.ray_generate import run_generate, shortfall_advice
 
     cfg = load_params(params)
-    name = model or cfg.generate.model
+    name = model or cfg.generate.default_model
     out = out or Path("data/synthetic") / name
     with console.stage(console.stage_name(f"generate {name}"),
                        f"{cfg.generate.per_class} images per class from {models_dir / name}") as st:

@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
@@ -371,7 +371,10 @@ class RayParams:
 
 @dataclass
 class GenerateParams:
-    model: Literal["defectgan", "cyclegan", "stargan", "progan", "pix2pix"] = "defectgan"
+    RENAMED: ClassVar[dict[str, str]] = {"model": "default_model", "batch_size": "ray_batch_size"}
+
+    # `pipeline generate` without --model uses default_model; the DAG generates from each of `models`.
+    default_model: Literal["defectgan", "cyclegan", "stargan", "progan", "pix2pix"] = "defectgan"
     models: list[str] = field(default_factory=lambda: ["defectgan", "cyclegan", "stargan", "progan", "pix2pix"])
     per_class: int = 40
     seed: int = 0
@@ -381,17 +384,17 @@ class GenerateParams:
     masks_dir: Optional[str] = None  # user masks when placement == masks
     min_mask_fraction: float = 0.002  # quality filter: drop near-empty masks
     max_mask_fraction: float = 0.9    # ... and masks covering almost everything
-    batch_size: int = 16
     max_rounds: int = 5             # extra rounds (new seeds) to replace filtered samples
     normal_split: Literal["train", "val", "test"] = "train"   # normal images the defects are put on
     # Ray resources (do not change the output: every sample has its own seed).
+    ray_batch_size: int = 16        # rows per Ray Data batch sent to an actor (not a model batch: sampler.py)
     num_actors: int = 2             # generator actors (each loads the EMA generator once)
     cpus_per_actor: float = 0.5     # fractional: a full CPU per actor starves the reader on small machines
 
     def validate(self, where: str) -> None:
         require(self.per_class > 0, f"{where}.per_class", f"is {self.per_class}: zero images requested. "
                 "Set it to the number of images to generate per defect class (> 0).")
-        positive(self, where, "batch_size", "num_actors", "cpus_per_actor", "max_rounds")
+        positive(self, where, "ray_batch_size", "num_actors", "cpus_per_actor", "max_rounds")
         require(0 < self.box_min <= self.box_max <= 1, f"{where}.box_min",
                 f"and box_max must satisfy 0 < box_min <= box_max <= 1, got {self.box_min}, {self.box_max}.")
         require(0 <= self.min_mask_fraction < self.max_mask_fraction <= 1, f"{where}.min_mask_fraction",
@@ -419,6 +422,8 @@ def check_metric_names(names: list[str], key: str) -> None:
 
 @dataclass
 class EvaluateParams:
+    RENAMED: ClassVar[dict[str, str]] = {"per_class": "per_class_tables"}
+
     metrics: list[str] = field(default_factory=lambda: ["swd", "kid_domain", "fid_domain", "mmd_domain",
                                                         "duplicate_rate", "mask_in_region",
                                                         "class_accuracy_domain"])
@@ -427,7 +432,7 @@ class EvaluateParams:
     inception_weights: Optional[str] = None   # local path; Inception metrics only when given
     # Real images the synthetic sets are compared with (held out from GAN training by default).
     real_splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["test", "val"])
-    per_class: bool = True              # also score each class (fake class k vs real class k)
+    per_class_tables: bool = True       # also score each class (fake class k vs real class k)
     # A "do_nothing" row: the unmodified normal inputs of an image-to-image model's samples
     # (pipeline/metrics/evaluate.py), the score to beat. Beyond the papers, which rank models only.
     do_nothing_baseline: bool = True

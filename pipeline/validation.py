@@ -83,7 +83,8 @@ def _join(where: str, key: Any) -> str:
 def from_dict(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and bad types.
 
-    `where` is the dotted path of this section, used in every message.
+    `where` is the dotted path of this section, used in every message. A class attribute
+    `RENAMED = {old key: new key}` turns an old key into an error naming its new name.
     """
     if data is None:
         data = {}
@@ -92,6 +93,11 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
+    renamed = getattr(cls, "RENAMED", {})   # old key -> new key, for keys a release renamed
+    for key in unknown:
+        if key in renamed:
+            raise ParamsError(f"params key '{_join(where, key)}' was renamed to '{_join(where, renamed[key])}'; "
+                              f"rename it in your params file.")
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(fields), n=1)

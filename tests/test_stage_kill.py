@@ -198,7 +198,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _params(ws: Path, name: str, **sections) -> Path:
-    base = {"generate": {"models": [FAMILY], "per_class": 4, "seed": 0, "batch_size": 8,
+    base = {"generate": {"models": [FAMILY], "per_class": 4, "seed": 0, "ray_batch_size": 8,
                          "num_actors": 1, "cpus_per_actor": 0.5, "max_rounds": 1, "min_mask_fraction": 0.0},
             "evaluate": {"metrics": ["swd", "duplicate_rate"], "feature_epochs": 1, "swd_projections": 16,
                          "swd_patches_per_image": 8, "kid_subsets": 5, "feature_min_steps": 0},

@@ -46,7 +46,7 @@ Outputs in `out_dir`, replaced together (fsutil.atomic_entries; evaluate/ beside
   downstream_runs.json  every run (seed, subset sizes, steps, scores, confusion matrix) and notes
   plots/*.png           scores vs shots, paired differences with intervals, confusion matrices
   summary.md            the report (report.py)
-MLflow: through `pipeline.tracking.log_downstream(metrics, artifacts)` when that module exists.
+MLflow: through `pipeline.tracking.log_downstream(metrics, artifacts)`.
 """
 
 from __future__ import annotations
@@ -535,9 +535,6 @@ def write_outputs(out_dir: Path, metrics: dict, runs: list[dict], notes: list[st
                                         models=details["synthetic_models"], evaluate_dir=evaluate_dir)
         (staging / "summary.md").write_text(summary)
     artifacts = [out_dir / "downstream.json", out_dir / "downstream_runs.json", out_dir / "summary.md", *plots]
-    try:
-        from pipeline.tracking import log_downstream
-    except ImportError:
-        log.info("pipeline.tracking not available: downstream results not logged to MLflow")
-        return
+    from pipeline.tracking import log_downstream
+
     log_downstream({k: v for k, v in metrics.items() if math.isfinite(v)}, artifacts)

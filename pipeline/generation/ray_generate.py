@@ -181,7 +181,7 @@ def generate_stream(params: GenerateParams, model_dir: Path, placement: Placemen
     synth = np.array([oc.synth for oc, _ in requests], np.int64)
     out_idx = np.array([oc.label_idx for oc, _ in requests], np.int64)
     actor_args, device = _actor_resources(params, use_gpu)
-    ds = ray.data.range(n, override_num_blocks=_num_blocks(n, params.batch_size, params.num_actors))
+    ds = ray.data.range(n, override_num_blocks=_num_blocks(n, params.ray_batch_size, params.num_actors))
     ds = ds.map_batches(plan_batch, batch_format="numpy", num_cpus=PLAN_CPUS,
                         fn_kwargs=dict(start=start, bounds=bounds, synth=synth, out_idx=out_idx,
                                        seed=params.seed, pool=pool_ref))
@@ -191,7 +191,7 @@ def generate_stream(params: GenerateParams, model_dir: Path, placement: Placemen
     # 2.60 takes max_restarts only as a deprecated extra keyword (no named parameter before 2.64).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(GenerateActor, batch_format="numpy", batch_size=params.batch_size,
+        ds = ds.map_batches(GenerateActor, batch_format="numpy", batch_size=params.ray_batch_size,
                             compute=ray.data.ActorPoolStrategy(size=params.num_actors),
                             fn_constructor_kwargs=dict(model_dir=str(Path(model_dir).absolute()),
                                                        placement=placement, device=device,

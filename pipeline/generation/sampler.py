@@ -4,7 +4,7 @@ No Ray here: `ray_generate.py` wraps `Sampler` in an actor, the benchmark's bare
 tests call it directly.
 
 Reproducibility. A sample's pixels are a function of (generate.seed, sample index) only, not
-of how Ray cut the work into batches and actors (nor of generate.batch_size). Two things make
+of how Ray cut the work into batches and actors (nor of generate.ray_batch_size). Two things make
 that hold while samples are synthesised in batches:
 - Noise: every sample has its own seed, `sample_seed(generate.seed, index)`, and families draw
   all noise at sampling time through `pipeline.models.noise`. Inside `per_sample_noise(seeds)`
@@ -21,7 +21,7 @@ that hold while samples are synthesised in batches:
   computes each sample separately; tests/test_generation.py checks byte equality for batches of
   1, 3 and 16 and across actor counts). Same device type and torch build assumed: a GPU or
   another torch version gives other last bits.
-Ray batches of a multiple of COMPUTE_BATCH (generate.batch_size 16, the default) waste nothing;
+Ray batches of a multiple of COMPUTE_BATCH (generate.ray_batch_size 16, the default) waste nothing;
 the padding costs only on a block's last, partial batch.
 
 Quality filter. Masks are thresholded at 0.5; a sample whose mask covers less than
@@ -49,7 +49,7 @@ MASKLESS_FAMILIES = frozenset({"progan", "dcgan"})
 DEFECT_LABEL = "defect"     # output class of families that cannot choose a defect class
 DEFECT_LABEL_IDX = -1
 # Samples per synthesize call, fixed so that a sample's arithmetic never depends on the batch
-# it came in (module doc). 16: the default generate.batch_size, near the CPU's batched speed.
+# it came in (module doc). 16: the default generate.ray_batch_size, near the CPU's batched speed.
 COMPUTE_BATCH = 16
 
 

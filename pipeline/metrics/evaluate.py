@@ -19,13 +19,12 @@ Outputs (written atomically into `out_dir`):
                  load_do_nothing`; Defect-GAN's when it is evaluated). A model whose fid_domain
                  is not below this row's has not made its inputs look more like real defects.
   feature_net.pt the cached domain feature network (reused when data and settings match)
-MLflow: through `pipeline.tracking.log_evaluation(metrics, artifacts)` when that module exists.
+MLflow: through `pipeline.tracking.log_evaluation(metrics, artifacts)`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,6 @@ from pipeline.metrics.data import (DEFECT_LABEL, DO_NOTHING, ImageSet, PreparedI
                                    read_prepared_info)
 from pipeline.metrics.fidelity import DOMAIN_CLASS_SPACE
 from pipeline.metrics.registry import MetricContext, MetricSpec, compute_metric, validate_metric_names
-
-log = logging.getLogger(__name__)
 
 MIN_IMAGES = 2     # per side; fewer and a comparison is reported as null
 
@@ -206,7 +203,7 @@ def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path
                     s = synth[model]
                     feats = {sp: (real_f[sp], fake_f[model][sp]) for sp in real_f}
                     groups = comparison_groups(s, real.labels, info.classes)
-                    if not params.per_class:
+                    if not params.per_class_tables:
                         groups = groups[:1]
                     entry: dict[str, Any] = {"n_samples": len(s), "class_labelled": s.class_labelled}
                     for name, r_idx, f_idx in groups:
@@ -309,9 +306,6 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 
 
 def _log_to_tracking(metrics: dict, artifacts: list[Path]) -> None:
-    try:
-        from pipeline.tracking import log_evaluation
-    except ImportError:
-        log.info("pipeline.tracking not available: evaluation not logged to MLflow")
-        return
+    from pipeline.tracking import log_evaluation
+
     log_evaluation(flat_metrics(metrics), artifacts)
