@@ -74,7 +74,7 @@ def prepare(params: Path = ParamsOpt,
     from pipeline.config import load_params
     from pipeline.data.prepare import run_prepare
 
-    cfg = load_params(params, train_sections=False)   # prepare reads none; the families import torch
+    cfg = load_params(params, families=False)   # prepare reads no family; they import torch
     with console.stage(console.stage_name("prepare"), f"{cfg.prepare.source} data -> {out}") as st:
         stats = run_prepare(cfg.prepare, out, quiet=True)
         im, pairs = stats["images"], stats["paired"]

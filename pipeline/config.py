@@ -373,9 +373,12 @@ class RayParams:
 class GenerateParams:
     RENAMED: ClassVar[dict[str, str]] = {"model": "default_model", "batch_size": "ray_batch_size"}
 
-    # `pipeline generate` without --model uses default_model; the DAG generates from each of `models`.
-    default_model: Literal["defectgan", "cyclegan", "stargan", "progan", "pix2pix"] = "defectgan"
-    models: list[str] = field(default_factory=lambda: ["defectgan", "cyclegan", "stargan", "progan", "pix2pix"])
+    # The families the DAG trains, generates from, evaluates and compares, in this order (dvc.yaml's
+    # foreach reads the list; None: every family of pipeline.models.REGISTRY), and the one
+    # `pipeline generate` uses without --model (None: the first of `models`). Names are checked
+    # against the registry by load_params.
+    models: Optional[list[str]] = None
+    default_model: Optional[str] = None
     per_class: int = 40
     seed: int = 0
     placement: Literal["random", "masks", "real_masks"] = "random"
@@ -513,12 +516,13 @@ class Params:
     downstream: DownstreamParams = field(default_factory=DownstreamParams)
 
 
-def load_params(path: str | Path = "params.yaml", train_sections: bool = True) -> Params:
+def load_params(path: str | Path = "params.yaml", families: bool = True) -> Params:
     """Read and validate a params file.
 
-    train_sections: also validate every `train.<family>` section now (`train_params`), so a typo
-    fails before any work starts. That imports the GAN families and torch; `pipeline prepare`,
-    which reads no train section, passes False."""
+    families: also validate what names GAN families, so a typo fails before any work starts:
+    every `train.<family>` section (`train_params`) and generate.models / default_model (their
+    defaults filled in). That imports the families and torch; `pipeline prepare`, which reads
+    none of it, passes False."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file {path} not found. Pass --params <file> or run from the repository root.")
@@ -527,11 +531,24 @@ def load_params(path: str | Path = "params.yaml", train_sections: bool = True) -
     except yaml.YAMLError as err:
         raise ParamsError(f"params file {path} is not valid YAML: {err}") from None
     params = from_dict(Params, data, "")
-    if train_sections:
+    if families:
         for family in params.train:
             if family != "common":
                 train_params(params, family)
+        _resolve_generate_models(params.generate)
     return params
+
+
+def _resolve_generate_models(generate: GenerateParams) -> None:
+    from pipeline.models import REGISTRY  # local import: models import torch
+
+    if generate.models is None:
+        generate.models = list(REGISTRY)
+    require(len(generate.models) >= 1, "generate.models", "must name at least one GAN family.")
+    _known_names(generate.models, tuple(REGISTRY), "generate.models")
+    if generate.default_model is None:
+        generate.default_model = generate.models[0]
+    _known_names([generate.default_model], tuple(REGISTRY), "generate.default_model")
 
 
 def train_params(params: Params, family: str) -> tuple[TrainCommonParams, Any]:

@@ -16,7 +16,7 @@ Outputs (written atomically into `out_dir`):
   table.md       models x metrics, like the Defect-GAN paper's comparison table, + per class
   do_nothing     with `evaluate.do_nothing_baseline` (default on), a baseline row: the normal
                  inputs of one image-to-image model's samples, unmodified (`metrics.data.
-                 load_do_nothing`; Defect-GAN's when it is evaluated). A model whose fid_domain
+                 load_do_nothing`; the first such model of generate.models). A model whose fid_domain
                  is not below this row's has not made its inputs look more like real defects.
   feature_net.pt the cached domain feature network (reused when data and settings match)
 MLflow: through `pipeline.tracking.log_evaluation(metrics, artifacts)`.
@@ -153,10 +153,9 @@ def classifier_on_test(net, test: ImageSet, classes: list[str], batch_size: int)
 
 
 def do_nothing_baseline(synth: dict[str, SyntheticSet], prepared_dir: Path) -> tuple[SyntheticSet | None, str]:
-    """The do-nothing row from Defect-GAN's samples when present, else from the first
-    image-to-image model's; (None, why) when no evaluated model takes a normal input."""
-    order = sorted(synth, key=lambda m: m != "defectgan")
-    for model in order:
+    """The do-nothing row from the samples of the first evaluated model (in `generate.models` order:
+    params.yaml lists Defect-GAN first) that takes a normal input; (None, why) when none does."""
+    for model in synth:
         baseline = load_do_nothing(synth[model], prepared_dir)
         if baseline is not None:
             return baseline, (f"{DO_NOTHING}: the unmodified normal inputs of {model}'s {len(baseline)} samples "

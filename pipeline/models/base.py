@@ -86,11 +86,26 @@ class DataSpec:
 
 
 class GANFamily(nn.Module):
-    """Base class. Subclasses set `name`, `Config`, `data_kind` and implement the methods below."""
+    """Base class. Subclasses set `name`, `Config`, `data_kind` and implement the methods below.
+
+    What a family is, declared here and read by training, generation and evaluate, which never
+    name a family: `data_kind` (the batches it trains on), `class_conditional` (it can make a
+    chosen defect class) and `outputs_masks` (it turns a normal image into a defective one and
+    says where). Which families the DAG trains, generates from, evaluates and compares is
+    params.yaml's `generate.models` (dvc.yaml's foreach reads that list); any family can be in it.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type]
     data_kind: ClassVar[Literal["labelled", "paired", "unpaired"]]
+    # Families whose generator cannot choose a defect class (cyclegan, pix2pix: one defect
+    # domain) set this False; their samples are labelled "defect" and the downstream
+    # classifier comparison skips them. An instance may set it from its config (dcgan, progan).
+    class_conditional: ClassVar[bool] = True
+    # False for noise-based families: `synthesize` ignores the normal image and the region and
+    # returns all-zero masks, so generation records no region and skips its mask quality filter,
+    # and evaluate's do-nothing baseline cannot come from their samples.
+    outputs_masks: ClassVar[bool] = True
     # Attribute names of the networks, in a fixed order (optimizer parameter order, EMA copies).
     generator_names: ClassVar[tuple[str, ...]] = ("G",)
     discriminator_names: ClassVar[tuple[str, ...]] = ("D",)
@@ -190,11 +205,6 @@ class GANFamily(nn.Module):
         return next(iter(generators.values()))
 
     # ---- synthesis (generation stage) ----------------------------------------------------
-    # Families whose generator cannot choose a defect class (cyclegan, pix2pix: one defect
-    # domain) set this False; their samples are labelled "defect" and the downstream
-    # classifier comparison skips them.
-    class_conditional: ClassVar[bool] = True
-
     @torch.no_grad()
     def synthesize(self, normal: torch.Tensor, labels: torch.Tensor,
                    region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

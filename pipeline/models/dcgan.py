@@ -67,6 +67,7 @@ class DCGAN(GANFamily):
     name = "dcgan"
     Config = Config
     data_kind = "labelled"
+    outputs_masks = False        # noise -> image
 
     def __init__(self, cfg: Config, spec: DataSpec):
         super().__init__(cfg, spec)

@@ -187,6 +187,7 @@ class ProGAN(GANFamily):
     name = "progan"
     Config = Config
     data_kind = "labelled"
+    outputs_masks = False        # noise -> image
 
     def __init__(self, cfg: Config, spec: DataSpec):
         super().__init__(cfg, spec)
