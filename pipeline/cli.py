@@ -101,20 +101,20 @@ def train(stage: str = typer.Option(..., "--stage", help="GAN family to train"),
     """Train one GAN family on Ray Train, tracked in MLflow."""
     from pipeline.config import load_params
     from pipeline.models import family_class
-    from pipeline.training.ray_train import launch_training, ray_params, train_job
+    from pipeline.training.loop import TrainJob
+    from pipeline.training.ray_train import launch_training
 
     family_class(stage)  # unknown family: clear error before anything starts
     cfg = load_params(params)
     overrides = {k: v for k, v in dict(address=address, num_workers=num_workers,
                                        cpus_per_worker=cpus_per_worker, use_gpu=use_gpu).items() if v is not None}
     out = out or Path("models") / stage
-    kimg = train_job(cfg, stage, data, out).common.kimg
-    workers = ray_params(cfg, overrides).num_workers
+    job = TrainJob.from_params(cfg, stage, data, out)      # the run, validated, built once
+    resources = cfg.ray.with_overrides(overrides)
     with console.stage(console.stage_name(f"train {stage}"),
-                       f"{stage}, {kimg:g} kimg on {workers} Ray Train worker(s)"
+                       f"{stage}, {job.common.kimg:g} kimg on {resources.num_workers} Ray Train worker(s)"
                        + (f", resuming {run_name or 'the newest run'}" if resume else "")) as st:
-        summary = launch_training(cfg, stage, data_dir=data, out_dir=out, ray_overrides=overrides, resume=resume,
-                                  run_name=run_name, dvc_stage=dvc_stage)
+        summary = launch_training(job, resources, resume=resume, run_name=run_name, dvc_stage=dvc_stage)
         m = summary["metrics"]
         if headline is not None:
             from pipeline.headline import write_train

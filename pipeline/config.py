@@ -366,6 +366,10 @@ class RayParams:
         require(self.object_store_mb >= 80, f"{where}.object_store_mb",
                 f"must be at least 80 (Ray's minimum), got {self.object_store_mb!r}.")
 
+    def with_overrides(self, overrides: dict) -> "RayParams":
+        """These params with command-line overrides applied, validated (errors name `ray.<key>`)."""
+        return from_dict(RayParams, {**to_dict(self), **(overrides or {})}, "ray")
+
 
 # --------------------------------------------------------------------------- generate / evaluate / downstream
 
