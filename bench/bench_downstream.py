@@ -97,7 +97,8 @@ def _cpu_seconds() -> float:
 
 def run_case(case: str, tmp: Path, args) -> dict:
     from pipeline.config import load_params
-    from pipeline.downstream.run import REFERENCE, run_downstream
+    from pipeline.downstream.conditions import REFERENCE
+    from pipeline.downstream.run import run_downstream
 
     cfg = load_params(ROOT / "params.yaml")
     prepared = _prepare(case, tmp, args)

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_generate.py --model-dir models/defectgan --data data/prepared
     .venv/bin/python bench/bench_generate.py --memory             # + peak RSS, 1k vs 10k images
 
-Rows (all at --batch-size, which is the stage's generate.batch_size):
+Rows (all at --batch-size, which is the stage's generate.ray_batch_size):
   bare batched loop      one process, one torch thread, no Ray, no files, no seeds: synthesize on
                          batches of normal images already decoded to tensors, noise from the global
                          RNG. The raw generator ceiling, and the reference of the target (>= 0.9).
@@ -46,10 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-                     "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
-    os.environ.setdefault(_key, _value)
-
+import pipeline  # noqa: F401,I001  (library environment defaults, pipeline/environment.py: before torch)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -154,7 +151,7 @@ def stage(model_dir: Path, prepared: Path, out: Path, n: int, batch_size: int, a
     from pipeline.generation.ray_generate import run_generate
 
     per_class = max(1, n // 2)
-    params = GenerateParams(per_class=per_class, batch_size=batch_size, seed=seed, num_actors=actors,
+    params = GenerateParams(per_class=per_class, ray_batch_size=batch_size, seed=seed, num_actors=actors,
                             cpus_per_actor=0.5, min_mask_fraction=0.0, max_mask_fraction=1.0)
     t0 = time.perf_counter()
     result = run_generate(params, "defectgan", model_dir, prepared, out, track=False)

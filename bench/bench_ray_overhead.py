@@ -37,7 +37,7 @@ def _params(root: Path, kimg: float, batch: int):
     return from_dict(Params, {
         "train": {"common": {"kimg": kimg, "batch_size": batch, "tick_kimg": kimg / 4, "snapshot_ticks": 2},
                   "cyclegan": TINY_CYCLEGAN},
-        "generate": {"per_class": 8, "batch_size": 8, "num_actors": 1, "cpus_per_actor": 0.5, "max_rounds": 1},
+        "generate": {"per_class": 8, "ray_batch_size": 8, "num_actors": 1, "cpus_per_actor": 0.5, "max_rounds": 1},
         "ray": {"num_workers": 1, "cpus_per_worker": 1.0, "storage_path": str(root / "ray")}}, "params")
 
 
@@ -47,10 +47,12 @@ def child(args) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     params = _params(root, args.kimg, args.batch)
     if args.child == "train":
+        from pipeline.training.loop import TrainJob
         from pipeline.training.ray_train import launch_training
 
         t0 = time.perf_counter()
-        summary = launch_training(params, "cyclegan", root / "prepared", Path(args.out), {}, False, args.name, None)
+        job = TrainJob.from_params(params, "cyclegan", root / "prepared", Path(args.out))
+        summary = launch_training(job, params.ray, False, args.name, None)
         out = {"wall": time.perf_counter() - t0, "connect": summary["ray_connect_s"], "ray": summary["ray"],
                "reports": summary["ray_reports"], "report_s": summary["ray_report_seconds"]}
     else:
@@ -94,8 +96,7 @@ def main() -> None:
     from pipeline import cluster, tracking
     from pipeline.config import PrepareParams, from_dict
     from pipeline.data.prepare import run_prepare
-    from pipeline.training.loop import train
-    from pipeline.training.ray_train import train_job
+    from pipeline.training.loop import TrainJob, train
 
     root = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
@@ -105,7 +106,7 @@ def main() -> None:
 
     # In-process reference: the same job and logger, no Ray (the training work itself).
     torch.set_num_threads(1)
-    job = train_job(_params(root, args.kimg, args.batch), "cyclegan", root / "prepared", root / "inproc")
+    job = TrainJob.from_params(_params(root, args.kimg, args.batch), "cyclegan", root / "prepared", root / "inproc")
     job.work_dir = root / "inproc-work"
     engine = []
     for i in range(args.repeats):

@@ -69,8 +69,10 @@ def plan(*a, **k):
     ev["plan_start"] = time.time(); r = orig_plan(*a, **k); ev["plan_end"] = time.time(); return r
 tracking.plan_training_run = plan
 params = _params(root, float(os.environ.get("KIMG", "0.032")), 8)
+from pipeline.training.loop import TrainJob
 t_launch = time.time()
-s = ray_train.launch_training(params, "cyclegan", root / "prepared", root / f"out{time.time():.0f}", {}, False, None, None)
+job = TrainJob.from_params(params, "cyclegan", root / "prepared", root / f"out{time.time():.0f}")
+s = ray_train.launch_training(job, params.ray, False, None, None)
 t_done = time.time()
 w = [json.loads(p.read_text()) for p in marks.glob("worker*.json")][-1]
 for p in marks.glob("*.json"): p.unlink()

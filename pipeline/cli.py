@@ -74,7 +74,7 @@ def prepare(params: Path = ParamsOpt,
     from pipeline.config import load_params
     from pipeline.data.prepare import run_prepare
 
-    cfg = load_params(params)
+    cfg = load_params(params, families=False)   # prepare reads no family; they import torch
     with console.stage(console.stage_name("prepare"), f"{cfg.prepare.source} data -> {out}") as st:
         stats = run_prepare(cfg.prepare, out, quiet=True)
         im, pairs = stats["images"], stats["paired"]
@@ -101,20 +101,20 @@ def train(stage: str = typer.Option(..., "--stage", help="GAN family to train"),
     """Train one GAN family on Ray Train, tracked in MLflow."""
     from pipeline.config import load_params
     from pipeline.models import family_class
-    from pipeline.training.ray_train import launch_training, ray_params, train_job
+    from pipeline.training.loop import TrainJob
+    from pipeline.training.ray_train import launch_training
 
     family_class(stage)  # unknown family: clear error before anything starts
     cfg = load_params(params)
     overrides = {k: v for k, v in dict(address=address, num_workers=num_workers,
                                        cpus_per_worker=cpus_per_worker, use_gpu=use_gpu).items() if v is not None}
     out = out or Path("models") / stage
-    kimg = train_job(cfg, stage, data, out).common.kimg
-    workers = ray_params(cfg, overrides).num_workers
+    job = TrainJob.from_params(cfg, stage, data, out)      # the run, validated, built once
+    resources = cfg.ray.with_overrides(overrides)
     with console.stage(console.stage_name(f"train {stage}"),
-                       f"{stage}, {kimg:g} kimg on {workers} Ray Train worker(s)"
+                       f"{stage}, {job.common.kimg:g} kimg on {resources.num_workers} Ray Train worker(s)"
                        + (f", resuming {run_name or 'the newest run'}" if resume else "")) as st:
-        summary = launch_training(cfg, stage, data_dir=data, out_dir=out, ray_overrides=overrides, resume=resume,
-                                  run_name=run_name, dvc_stage=dvc_stage)
+        summary = launch_training(job, resources, resume=resume, run_name=run_name, dvc_stage=dvc_stage)
         m = summary["metrics"]
         if headline is not None:
             from pipeline.headline import write_train
@@ -130,7 +130,7 @@ def train(stage: str = typer.Option(..., "--stage", help="GAN family to train"),
 @app.command()
 @user_errors
 def generate(params: Path = ParamsOpt,
-             model: Optional[str] = typer.Option(None, help="family whose generator to use (default generate.model)"),
+             model: Optional[str] = typer.Option(None, help="family whose generator to use (default generate.default_model)"),
              models_dir: Path = typer.Option(Path("models"), help="trained models folder"),
              data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
              out: Optional[Path] = typer.Option(None, help="output folder (default data/synthetic/<model>)"),
@@ -141,7 +141,7 @@ def generate(params: Path = ParamsOpt,
     from pipeline.generation.ray_generate import run_generate, shortfall_advice
 
     cfg = load_params(params)
-    name = model or cfg.generate.model
+    name = model or cfg.generate.default_model
     out = out or Path("data/synthetic") / name
     with console.stage(console.stage_name(f"generate {name}"),
                        f"{cfg.generate.per_class} images per class from {models_dir / name}") as st:

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from pipeline import environment
 from pipeline.errors import PipelineError
 
 STATE_ENV = "PIPELINE_CLUSTER_STATE"
@@ -49,20 +50,6 @@ START_TIMEOUT_S = 120.0           # per node; 2 shared cores can be slow
 STOP_TIMEOUT_S = 30.0            # processes of a failed start
 STOP_GRACE_S = 10.0              # `down`: SIGTERM, then SIGKILL what is left after this
 
-# Environment every node (and the processes it spawns) runs with; `connect` also gives it to a
-# local Ray it starts and to every worker of a job (runtime_env). See docs/STACK_NOTES.md.
-NODE_ENV = {
-    "RAY_AUTH_MODE": "disabled",           # otherwise a stray ~/.ray/auth_token breaks joining
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    # Ray Train's preemption watcher is one more actor process per fit() (and an error-level
-    # core_worker.cc log line about its constructor arguments); on-premise nodes are not preempted.
-    # Set it to 1 on spot/preemptible cloud nodes.
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-}
 
 
 # --------------------------------------------------------------------------- paths and state
@@ -225,9 +212,8 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _node_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(NODE_ENV)
-    return env
+    """A node's environment: this one, the package's library defaults filled in (pipeline/environment.py)."""
+    return environment.with_defaults(os.environ)
 
 
 def _ray_start_command() -> list[str]:
@@ -444,11 +430,12 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, us
 
     from pipeline import console
 
-    for key, value in {**NODE_ENV, **console.quiet_env()}.items():
+    environment.apply_defaults()
+    for key, value in console.quiet_env().items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return False, "the Ray instance this process already uses"
-    env = {key: os.environ[key] for key in {**NODE_ENV, **console.quiet_env(), console.VERBOSE_ENV: ""}
+    env = {key: os.environ[key] for key in {**environment.DEFAULTS, **console.quiet_env(), console.VERBOSE_ENV: ""}
            if key in os.environ}
     kwargs = {"runtime_env": {"env_vars": env}, **ray_logging(console.verbose())}
     target, where = address or os.environ.get("RAY_ADDRESS") or None, ""

@@ -5,155 +5,28 @@ wrong types and out-of-range values raise `ParamsError` naming the dotted key
 (`prepare.synthetic.per_class`) and what to do, with a "did you mean" for typos.
 
 Family-specific training params (`train.cyclegan.*`) are dataclasses that live beside each
-family in `pipeline/models/<family>.py` and are validated through the same `from_dict`.
+family in `pipeline/models/<family>.py` and are validated through the same `from_dict`
+(pipeline/validation.py, which both this module and the families import).
+
+Imports: nothing of the models or metrics packages at import time, so reading params imports no
+torch; `train_params` imports the families when a train section is validated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
 from pipeline.errors import ParamsError
+# from_dict / to_dict are re-exported: a params section is built with config.from_dict(Section, ...).
+from pipeline.validation import from_dict, positive, require, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-# --------------------------------------------------------------------------- generic loader
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against annotation `tp` (converting ints to floats, lists to tuples)."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ParamsError as err:
-                errors.append(str(err))
-        raise ParamsError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ParamsError(f"params key '{key}' is {value!r}; allowed values: "
-                              f"{', '.join(map(repr, allowed))}.{extra}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"params key '{key}' must be a list, got {value!r}.")
-        (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return list(items) if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamsError(f"params key '{key}' must be a mapping, got {value!r}.")
-        _, val_tp = get_args(tp) or (Any, Any)
-        return {k: _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"params key '{key}' must be a number, got {value!r}.")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"params key '{key}' must be an integer, got {value!r}.")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"params key '{key}' must be true or false, got {value!r}.")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"params key '{key}' must be a string, got {value!r}.")
-        return value
-    return value
-
-
-def _join(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and bad types.
-
-    `where` is the dotted path of this section, used in every message.
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"params section '{where or 'top level'}' must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
-        section = f"'{where}'" if where else "the top level"
-        raise ParamsError(f"unknown params key '{_join(where, key)}'.{hint} "
-                          f"Known keys in {section}: {', '.join(sorted(fields))}.")
-    kwargs = {name: _coerce(value, hints[name], _join(where, name)) for name, value in data.items()}
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate(where)
-    return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain-data view of a params dataclass (for logging, checkpoints, manifests)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1} (MLflow params, DVC-style keys)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def require(cond: bool, key: str, message: str) -> None:
-    """Raise a ParamsError naming `key` unless `cond` holds."""
-    if not cond:
-        raise ParamsError(f"params key '{key}' {message}")
-
-
-def positive(obj: Any, where: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        require(value is not None and value > 0, f"{where}.{name}",
-                f"must be greater than 0, got {value!r}.")
 
 
 # --------------------------------------------------------------------------- prepare
@@ -493,13 +366,23 @@ class RayParams:
         require(self.object_store_mb >= 80, f"{where}.object_store_mb",
                 f"must be at least 80 (Ray's minimum), got {self.object_store_mb!r}.")
 
+    def with_overrides(self, overrides: dict) -> "RayParams":
+        """These params with command-line overrides applied, validated (errors name `ray.<key>`)."""
+        return from_dict(RayParams, {**to_dict(self), **(overrides or {})}, "ray")
+
 
 # --------------------------------------------------------------------------- generate / evaluate / downstream
 
 @dataclass
 class GenerateParams:
-    model: Literal["defectgan", "cyclegan", "stargan", "progan", "pix2pix"] = "defectgan"
-    models: list[str] = field(default_factory=lambda: ["defectgan", "cyclegan", "stargan", "progan", "pix2pix"])
+    RENAMED: ClassVar[dict[str, str]] = {"model": "default_model", "batch_size": "ray_batch_size"}
+
+    # The families the DAG trains, generates from, evaluates and compares, in this order (dvc.yaml's
+    # foreach reads the list; None: every family of pipeline.models.REGISTRY), and the one
+    # `pipeline generate` uses without --model (None: the first of `models`). Names are checked
+    # against the registry by load_params.
+    models: Optional[list[str]] = None
+    default_model: Optional[str] = None
     per_class: int = 40
     seed: int = 0
     placement: Literal["random", "masks", "real_masks"] = "random"
@@ -508,23 +391,46 @@ class GenerateParams:
     masks_dir: Optional[str] = None  # user masks when placement == masks
     min_mask_fraction: float = 0.002  # quality filter: drop near-empty masks
     max_mask_fraction: float = 0.9    # ... and masks covering almost everything
-    batch_size: int = 16
     max_rounds: int = 5             # extra rounds (new seeds) to replace filtered samples
     normal_split: Literal["train", "val", "test"] = "train"   # normal images the defects are put on
     # Ray resources (do not change the output: every sample has its own seed).
+    ray_batch_size: int = 16        # rows per Ray Data batch sent to an actor (not a model batch: sampler.py)
     num_actors: int = 2             # generator actors (each loads the EMA generator once)
     cpus_per_actor: float = 0.5     # fractional: a full CPU per actor starves the reader on small machines
 
     def validate(self, where: str) -> None:
-        positive(self, where, "per_class", "batch_size")
+        require(self.per_class > 0, f"{where}.per_class", f"is {self.per_class}: zero images requested. "
+                "Set it to the number of images to generate per defect class (> 0).")
+        positive(self, where, "ray_batch_size", "num_actors", "cpus_per_actor", "max_rounds")
         require(0 < self.box_min <= self.box_max <= 1, f"{where}.box_min",
-                "and box_max must satisfy 0 < box_min <= box_max <= 1.")
+                f"and box_max must satisfy 0 < box_min <= box_max <= 1, got {self.box_min}, {self.box_max}.")
         require(0 <= self.min_mask_fraction < self.max_mask_fraction <= 1, f"{where}.min_mask_fraction",
                 "and max_mask_fraction must satisfy 0 <= min < max <= 1.")
 
 
+# The metrics pipeline/metrics registers, so evaluate.metrics is checked without importing them
+# (they import torch). Its `register_metric` refuses a name missing here; tests/test_metrics.py
+# checks that every name here is registered.
+METRIC_NAMES = ("swd", "kid_domain", "fid_domain", "mmd_domain", "duplicate_rate", "mean_pairwise_distance",
+                "mask_in_region", "class_accuracy_domain", "inception_fid", "inception_kid")
+
+
+def check_metric_names(names: list[str], key: str) -> None:
+    """A ParamsError naming `key` unless `names` lists one or more known metrics."""
+    known = ", ".join(sorted(METRIC_NAMES))
+    for name in names:
+        if name not in METRIC_NAMES:
+            close = difflib.get_close_matches(name, METRIC_NAMES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ParamsError(f"params key '{key}' names unknown metric {name!r}.{hint} Known metrics: {known}.")
+    if not names:
+        raise ParamsError(f"params key '{key}' must name at least one metric. Known metrics: {known}.")
+
+
 @dataclass
 class EvaluateParams:
+    RENAMED: ClassVar[dict[str, str]] = {"per_class": "per_class_tables"}
+
     metrics: list[str] = field(default_factory=lambda: ["swd", "kid_domain", "fid_domain", "mmd_domain",
                                                         "duplicate_rate", "mask_in_region",
                                                         "class_accuracy_domain"])
@@ -533,7 +439,7 @@ class EvaluateParams:
     inception_weights: Optional[str] = None   # local path; Inception metrics only when given
     # Real images the synthetic sets are compared with (held out from GAN training by default).
     real_splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["test", "val"])
-    per_class: bool = True              # also score each class (fake class k vs real class k)
+    per_class_tables: bool = True       # also score each class (fake class k vs real class k)
     # A "do_nothing" row: the unmodified normal inputs of an image-to-image model's samples
     # (pipeline/metrics/evaluate.py), the score to beat. Beyond the papers, which rank models only.
     do_nothing_baseline: bool = True
@@ -548,9 +454,7 @@ class EvaluateParams:
     inception_size: int = 299           # images are resized to this side before the Inception module
 
     def validate(self, where: str) -> None:
-        from pipeline.metrics.registry import validate_metric_names  # local: metrics import torch
-
-        validate_metric_names(self.metrics, key=f"{where}.metrics")
+        check_metric_names(self.metrics, key=f"{where}.metrics")
         positive(self, where, "feature_epochs", "feature_batch_size", "swd_projections",
                  "swd_patches_per_image", "kid_subsets", "kid_subset_size", "inception_size")
         require(0 < self.duplicate_percentile < 100, f"{where}.duplicate_percentile",
@@ -616,8 +520,13 @@ class Params:
     downstream: DownstreamParams = field(default_factory=DownstreamParams)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file. Train sections are validated by `train_params`."""
+def load_params(path: str | Path = "params.yaml", families: bool = True) -> Params:
+    """Read and validate a params file.
+
+    families: also validate what names GAN families, so a typo fails before any work starts:
+    every `train.<family>` section (`train_params`) and generate.models / default_model (their
+    defaults filled in). That imports the families and torch; `pipeline prepare`, which reads
+    none of it, passes False."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file {path} not found. Pass --params <file> or run from the repository root.")
@@ -626,11 +535,24 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"params file {path} is not valid YAML: {err}") from None
     params = from_dict(Params, data, "")
-    # Validate every train section eagerly so a typo fails before any work starts.
-    for family in params.train:
-        if family != "common":
-            train_params(params, family)
+    if families:
+        for family in params.train:
+            if family != "common":
+                train_params(params, family)
+        _resolve_generate_models(params.generate)
     return params
+
+
+def _resolve_generate_models(generate: GenerateParams) -> None:
+    from pipeline.models import REGISTRY  # local import: models import torch
+
+    if generate.models is None:
+        generate.models = list(REGISTRY)
+    require(len(generate.models) >= 1, "generate.models", "must name at least one GAN family.")
+    _known_names(generate.models, tuple(REGISTRY), "generate.models")
+    if generate.default_model is None:
+        generate.default_model = generate.models[0]
+    _known_names([generate.default_model], tuple(REGISTRY), "generate.default_model")
 
 
 def train_params(params: Params, family: str) -> tuple[TrainCommonParams, Any]:

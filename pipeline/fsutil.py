@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pipeline.errors import PipelineError
 
@@ -174,10 +175,33 @@ def write_text_atomic(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file, read in 1 MiB chunks (model checkpoints, manifests, Parquet)."""
-    h = hashlib.sha256()
+def hash_file(path: Path, h=None):
+    """`h` (default: a new sha256) updated with the file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256() if h is None else h
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return h
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file (model checkpoints, manifests, Parquet)."""
+    return hash_file(path).hexdigest()
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON data: numpy scalars and arrays as Python numbers and lists, keys as strings,
+    and NaN or infinite floats as null (json.dumps would write `NaN`, which JSON readers refuse)."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    elif isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipeline.downstream.conditions import REFERENCE
 from pipeline.fsutil import atomic_dir, write_text_atomic
 
 MAX_KEYS = 15
@@ -40,7 +41,6 @@ TRAIN_KEYS = {"kimg": "kimg", "img_per_s": "img_per_s", "D/loss": "D_loss", "G/l
 # reports/evaluate/metrics.json. mmd_domain is left out: it is kid_domain's kernel without the
 # polynomial, one more column saying the same.
 EVALUATE_KEYS = ("swd", "fid_domain", "kid_domain", "inception_fid", "inception_kid", "duplicate_rate")
-REFERENCE = "real_only"
 _DOWNSTREAM_KEY = re.compile(r"^shots_(\d+)/([^/]+)/(.+)$")
 
 

@@ -65,9 +65,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.config import REPO_ROOT, flatten
+from pipeline.config import REPO_ROOT
+from pipeline.validation import flatten
 from pipeline.errors import PipelineError
-from pipeline.fsutil import file_sha256  # noqa: F401  (re-exported: stages and tests use tracking.file_sha256)
+from pipeline.fsutil import file_sha256, hash_file  # noqa: F401  (file_sha256 re-exported: stages and tests use it)
 
 EXPERIMENT_PREFIX = "defect-synth"
 DB_FILE = "mlflow.db"
@@ -291,9 +292,7 @@ def dataset_hash(data_dir: Path) -> str:
                 continue
             except Exception:  # other layout: hash the bytes
                 pass
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        hash_file(path, h)
     return h.hexdigest()
 
 

@@ -208,6 +208,28 @@ def test_stage_entry_point_runs_the_same_command(tmp_path):
     assert (tmp_path / "out" / "images.parquet").is_file()
 
 
+def test_prepare_imports_no_torch_and_no_gan_family(tmp_path):
+    """`pipeline prepare` validates its params without the families (torch, six GANs): measured in
+    a fresh interpreter, as a test process has long imported them."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"prepare": {"resolution": 16, "synthetic": {"per_class": 3, "normal": 3, "paired": 0}},
+                                    "train": {"cyclegan": {"base_channels": 8}},
+                                    "evaluate": {"metrics": ["swd", "kid_domain"]}}))
+    script = ("import sys\nfrom pipeline.cli import app\n"
+              f"try:\n    app(['prepare', '--params', {str(good)!r}, '--out', {str(tmp_path / 'out')!r}])\n"
+              "except SystemExit as e:\n    assert not e.code, e.code\n"
+              "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('pipeline.models')))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert (tmp_path / "out" / "images.parquet").is_file()
+
+
 def test_prepare_into_a_folder_holding_only_a_gitignore_keeps_it(tmp_path):
     """A fresh clone has data/prepared/.gitignore (written by DVC) and nothing else."""
     from pipeline.config import PrepareParams, SyntheticSourceParams

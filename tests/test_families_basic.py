@@ -13,13 +13,14 @@ from torch import nn
 
 from pipeline.config import from_dict
 from pipeline.errors import ParamsError
+from pipeline.models import REGISTRY
 from pipeline.models.base import DataSpec
 from pipeline.models.cyclegan import CycleGAN
 from pipeline.models.dcgan import DCGAN
 from pipeline.models.pix2pix import Pix2Pix
 from pipeline.models.stargan import StarGAN, build_label_vector
 
-from families_util import engine_iteration
+from families_util import engine_iteration, tiny_family
 
 SPEC = DataSpec(resolution=16, channels=3, classes=("normal", "scratch", "spot"))
 
@@ -319,3 +320,43 @@ def test_stargan_short_run_reduces_reconstruction():
     fam = tiny(StarGAN, n_critic=1, lr=1e-3, base_channels=16)
     first, last = run_short(fam, [make_batch("labelled", s) for s in range(2)], "G/rec", 50, g_every=fam.n_critic)
     assert last < 0.6 * first
+
+
+# ---- what each family declares (read by generation and evaluate, which name no family) ----------
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_declared_capabilities_match_what_synthesize_does(name):
+    """outputs_masks False: the normal image is ignored and the masks are zeros (generation then
+    records no region and skips its filter); True: the output is made from the normal image."""
+    from pipeline.models.noise import per_sample_noise
+
+    fam = tiny_family(name).eval()
+    assert fam.data_kind in ("labelled", "paired", "unpaired") and isinstance(fam.class_conditional, bool)
+    labels = torch.tensor([1, 2, 1])
+    outputs = []
+    for seed in (5, 6):
+        with per_sample_noise([11, 12, 13]):
+            outputs.append(fam.synthesize(smooth_images(3, seed), labels))
+    (img_a, mask_a), (img_b, _) = outputs
+    if fam.outputs_masks:
+        assert not torch.equal(img_a, img_b)
+    else:
+        assert torch.equal(img_a, img_b) and not mask_a.any()
+
+
+def test_generate_models_and_default_model_are_registered_families(tmp_path):
+    from pipeline.config import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("generate: {}\n")
+    generate = load_params(path).generate
+    assert generate.models == list(REGISTRY) and generate.default_model == generate.models[0]
+    path.write_text("generate: {models: [stargan, dcgan]}\n")
+    generate = load_params(path).generate
+    assert generate.models == ["stargan", "dcgan"] and generate.default_model == "stargan"
+    for text, key, hint in [("generate: {models: [defectgan, cyclgan]}", "generate.models", "cyclegan"),
+                            ("generate: {default_model: pix2px}", "generate.default_model", "pix2pix")]:
+        path.write_text(text + "\n")
+        with pytest.raises(ParamsError) as err:
+            load_params(path)
+        assert f"'{key}'" in str(err.value) and f"Did you mean '{hint}'" in str(err.value)

@@ -19,7 +19,6 @@ from pipeline.models.base import DataSpec
 from pipeline.models.blocks import StarGANDiscriminator
 from pipeline.training.batches import BatchSource
 from pipeline.training.loop import TrainJob, Trainer
-from pipeline.training.ray_train import train_job
 from pipeline.training.step import AdversarialStep, StepConfig
 
 from families_util import SPEC, make_batch, tiny_family, train_steps
@@ -189,13 +188,18 @@ def test_pix2pix_inference_keeps_dropout_and_uses_each_images_own_statistics():
 
 # ---- prepare.augment reaches training, identically on A, B and the mask ----------------------------
 
-def test_launch_training_job_carries_prepare_augment(prepared, tmp_path):
+def test_the_run_spec_carries_prepare_augment(prepared, tmp_path):
     params = Params()
     params.prepare.augment = AugmentParams(hflip=1.0, vflip=0.0, rotate90=0.0, brightness_contrast=0.0)
-    job = train_job(params, "pix2pix", prepared, tmp_path / "out")
+    params.train = {"common": {"precision": "bf16", "grad_clip": 2.0}}
+    job = TrainJob.from_params(params, "pix2pix", prepared, tmp_path / "out")
     assert job.augment == params.prepare.augment
+    # ... and the engine's step config and the data spec, built once, are what the trainer runs with
+    assert (job.step.precision, job.step.grad_clip) == ("bf16", 2.0)
+    assert job.data.classes[0] == "normal" and job.prepared_dir.is_absolute()
     trainer = Trainer(job)
     assert trainer.source.augment is not None
+    assert trainer.step.cfg is job.step and trainer.spec is job.data
 
 
 def test_paired_augmentation_flips_a_b_and_mask_together(prepared):

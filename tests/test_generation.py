@@ -79,7 +79,7 @@ def no_tracking(monkeypatch):
 
 
 def params(**kw) -> GenerateParams:
-    base = dict(per_class=3, batch_size=4, num_actors=2, cpus_per_actor=0.5)
+    base = dict(per_class=3, ray_batch_size=4, num_actors=2, cpus_per_actor=0.5)
     return GenerateParams(**{**base, **kw})
 
 
@@ -242,7 +242,7 @@ def _walk_imagefolder(root: Path) -> dict[str, list[tuple[Path, Path]]]:
 @pytest.mark.slow
 def test_generate_outputs_reproducible_and_replaced(models, prepared, tmp_path, ray_session, no_tracking):
     out = tmp_path / "synthetic" / "defectgan"
-    result = generate(models, prepared, out, per_class=3, batch_size=4, num_actors=2)
+    result = generate(models, prepared, out, per_class=3, ray_batch_size=4, num_actors=2)
 
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["counts"] == {"scratch": 3, "spot": 3} and manifest["complete"]
@@ -277,7 +277,7 @@ def test_generate_outputs_reproducible_and_replaced(models, prepared, tmp_path, 
 
     # Another split of the work (1 actor, batches of 1) -> the same pixels; the rerun replaces.
     (out / "images" / "scratch" / "stray.png").write_bytes(b"old")
-    generate(models, prepared, out, per_class=3, batch_size=1, num_actors=1)
+    generate(models, prepared, out, per_class=3, ray_batch_size=1, num_actors=1)
     again = pq.read_table(out / SAMPLES_FILE).to_pydict()
     assert again["id"] == table["id"] and again["image_png"] == table["image_png"]
     assert again["mask_png"] == table["mask_png"] and again["seed"] == table["seed"]

@@ -117,6 +117,30 @@ def textures(n: int, seed: int, res: int = 32) -> np.ndarray:
 
 # --------------------------------------------------------------------------- registry
 
+def test_declared_metric_names_are_the_registered_metrics():
+    from pipeline.config import METRIC_NAMES
+
+    assert sorted(METRIC_NAMES) == registry.known_metrics()
+    with pytest.raises(ValueError, match="not declared"):
+        registry.register_metric("undeclared_metric")(lambda real, fake, ctx: 0.0)
+
+
+def test_a_renamed_params_key_names_its_new_name(tmp_path):
+    from pipeline.config import load_params
+
+    for section, old, new in [("evaluate", "per_class", "per_class_tables"), ("generate", "model", "default_model"),
+                              ("generate", "batch_size", "ray_batch_size")]:
+        path = tmp_path / "params.yaml"
+        path.write_text(f"{section}:\n  {old}: {'true' if old == 'per_class' else 16 if old == 'batch_size' else 'cyclegan'}\n")
+        with pytest.raises(ParamsError) as err:
+            load_params(path)
+        assert f"'{section}.{old}' was renamed to '{section}.{new}'" in str(err.value)
+    path.write_text("evaluate: {per_class_tables: false}\ngenerate: {default_model: cyclegan, ray_batch_size: 8}\n")
+    params = load_params(path)
+    assert params.evaluate.per_class_tables is False
+    assert (params.generate.default_model, params.generate.ray_batch_size) == ("cyclegan", 8)
+
+
 def test_unknown_metric_name_lists_known_ones():
     with pytest.raises(ParamsError) as err:
         registry.validate_metric_names(["swd", "fid_domian"])
@@ -431,7 +455,7 @@ def test_evaluate_identical_set_scores_lower_than_shifted(tmp_path):
         (syn / model).mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows), syn / model / "samples.parquet")
     params = EvaluateParams(metrics=["swd", "kid_domain", "fid_domain", "mmd_domain"], feature_epochs=2, feature_min_steps=20,
-                            kid_subsets=5, swd_projections=64, swd_patches_per_image=16, per_class=False)
+                            kid_subsets=5, swd_projections=64, swd_patches_per_image=16, per_class_tables=False)
     res = run_evaluate(params, prepared, syn, tmp_path / "out", ["copy", "bright"])["models"]
     for name in ("swd", "kid_domain", "fid_domain", "mmd_domain"):
         copy, bright = res["copy"]["overall"][name], res["bright"]["overall"][name]
@@ -495,7 +519,7 @@ def test_do_nothing_baseline_is_the_unmodified_inputs_and_real_defects_beat_it(t
     assert list(baseline.label_names) == [r["label"] for r in rows] and not baseline.masks.any()
 
     params = EvaluateParams(metrics=["fid_domain", "mask_in_region"], feature_epochs=2, feature_min_steps=30,
-                            per_class=False)
+                            per_class_tables=False)
     res = run_evaluate(params, prepared, tmp_path / "syn", tmp_path / "out", ["defectgan"])
     assert set(res["models"]) == {"defectgan", DO_NOTHING}
     ours, nothing = res["models"]["defectgan"]["overall"], res["models"][DO_NOTHING]["overall"]
@@ -503,7 +527,7 @@ def test_do_nothing_baseline_is_the_unmodified_inputs_and_real_defects_beat_it(t
     assert ours["fid_domain"] < nothing["fid_domain"]
     assert any("defectgan's" in n for n in res["notes"])
 
-    off = EvaluateParams(metrics=["fid_domain"], feature_epochs=2, feature_min_steps=30, per_class=False,
+    off = EvaluateParams(metrics=["fid_domain"], feature_epochs=2, feature_min_steps=30, per_class_tables=False,
                          do_nothing_baseline=False)
     assert set(run_evaluate(off, prepared, tmp_path / "syn", tmp_path / "out2", ["defectgan"])["models"]) == {"defectgan"}
 

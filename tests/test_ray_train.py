@@ -61,6 +61,16 @@ def make_params(root: Path, max_failures: int = 1, **ray):
     return from_dict(Params, {"train": train, "ray": ray_section}, "params")
 
 
+def launch(params, data_dir: Path, out_dir: Path, ray_overrides: dict | None = None, **kwargs) -> dict:
+    """`pipeline train` without the CLI: the run spec and the resources built from params, then
+    launch_training (FAMILY)."""
+    from pipeline.training.loop import TrainJob
+    from pipeline.training.ray_train import launch_training
+
+    return launch_training(TrainJob.from_params(params, FAMILY, data_dir, out_dir),
+                           params.ray.with_overrides(ray_overrides or {}), **kwargs)
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -77,11 +87,9 @@ def local_ray(workspace):
 
 @pytest.fixture(scope="module")
 def baseline(workspace, local_ray):
-    from pipeline.training.ray_train import launch_training
-
     out = workspace / "models-baseline" / FAMILY
-    summary = launch_training(make_params(workspace), FAMILY, workspace / "prepared", out, ray_overrides={},
-                              resume=False, run_name=unique("baseline"), dvc_stage=f"train@{FAMILY}")
+    summary = launch(make_params(workspace), workspace / "prepared", out, ray_overrides={},
+                     resume=False, run_name=unique("baseline"), dvc_stage=f"train@{FAMILY}")
     return summary
 
 
@@ -190,14 +198,12 @@ def test_bad_params_name_the_key(tmp_path):
 
 def test_bad_ray_override_and_missing_data(workspace, tmp_path):
     from pipeline.errors import DataError, ParamsError
-    from pipeline.training.ray_train import launch_training
-
     with pytest.raises(ParamsError, match="ray.cpus_per_worker"):
-        launch_training(make_params(workspace), FAMILY, workspace / "prepared", tmp_path / "out",
-                        ray_overrides={"cpus_per_worker": -1}, resume=False, run_name=None, dvc_stage=None)
+        launch(make_params(workspace), workspace / "prepared", tmp_path / "out",
+               ray_overrides={"cpus_per_worker": -1}, resume=False, run_name=None, dvc_stage=None)
     with pytest.raises(DataError, match="pipeline prepare"):
-        launch_training(make_params(workspace), FAMILY, tmp_path / "nothing", tmp_path / "out",
-                        ray_overrides={}, resume=False, run_name=None, dvc_stage=None)
+        launch(make_params(workspace), tmp_path / "nothing", tmp_path / "out",
+               ray_overrides={}, resume=False, run_name=None, dvc_stage=None)
 
 
 def write_params(root: Path, path: Path, max_failures: int = 1) -> Path:
@@ -291,27 +297,23 @@ def test_worker_error_is_reported_clearly(workspace, local_ray, tmp_path):
     from pipeline.config import PrepareParams, from_dict
     from pipeline.data.prepare import run_prepare
     from pipeline.errors import TrainingError
-    from pipeline.training.ray_train import launch_training
-
     small = tmp_path / "prepared"
     run_prepare(from_dict(PrepareParams, {"resolution": 16, "split": {"train": 1.0, "val": 0.0, "test": 0.0},
                                           "synthetic": {"classes": ["scratch"], "per_class": 1, "normal": 1,
                                                         "paired": 0}}, "prepare"), small)
     with pytest.raises(TrainingError, match="training pool 'images' is empty on this worker"):
-        launch_training(make_params(workspace, max_failures=0, num_workers=3), FAMILY, small, tmp_path / "out",
-                        ray_overrides={}, resume=False, run_name=unique("error"), dvc_stage=None)
+        launch(make_params(workspace, max_failures=0, num_workers=3), small, tmp_path / "out",
+               ray_overrides={}, resume=False, run_name=unique("error"), dvc_stage=None)
 
 
 @pytest.mark.slow
 def test_killed_worker_resumes_to_the_same_weights(workspace, baseline, hook_dir):
-    from pipeline.training.ray_train import launch_training
-
     name = unique("killed")
     killer = Killer(hook_dir, workspace / "ray_results" / name)
     killer.start()
     out = workspace / "models-killed" / FAMILY
-    summary = launch_training(make_params(workspace, max_failures=1), FAMILY, workspace / "prepared", out,
-                              ray_overrides={}, resume=False, run_name=name, dvc_stage=None)
+    summary = launch(make_params(workspace, max_failures=1), workspace / "prepared", out,
+                     ray_overrides={}, resume=False, run_name=name, dvc_stage=None)
     killer.join(5)
     assert killer.error is None and killer.killed_pid is not None
     assert int((hook_dir / "rank1.pid").read_text()) != killer.killed_pid   # a new worker process
@@ -326,16 +328,14 @@ def test_killed_worker_resumes_to_the_same_weights(workspace, baseline, hook_dir
 @pytest.mark.slow
 def test_stopped_run_continues_with_resume(workspace, baseline, hook_dir, tmp_path):
     from pipeline.errors import TrainingError
-    from pipeline.training.ray_train import launch_training
-
     name = unique("stopped")
     params_file = write_params(workspace, tmp_path / "params.yaml", max_failures=0)
     out = workspace / "models-resumed" / FAMILY
     killer = Killer(hook_dir, workspace / "ray_results" / name)
     killer.start()
     with pytest.raises(TrainingError, match="--resume"):
-        launch_training(make_params(workspace, max_failures=0), FAMILY, workspace / "prepared", out,
-                        ray_overrides={}, resume=False, run_name=name, dvc_stage=None)
+        launch(make_params(workspace, max_failures=0), workspace / "prepared", out,
+               ray_overrides={}, resume=False, run_name=name, dvc_stage=None)
     killer.join(5)
     assert killer.killed_pid is not None and not out.exists()
     (first,) = runs_named(name)
@@ -355,17 +355,15 @@ def test_two_node_cluster_places_ranks_on_both_nodes(workspace, local_ray):
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.training.ray_train import launch_training
-
     ray.shutdown()   # leave the module's local instance; this test brings its own cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024 * 1024})
     try:
         cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
         cluster.wait_for_nodes()
         name = unique("twonode")
-        summary = launch_training(make_params(workspace, num_workers=2, cpus_per_worker=1.0), FAMILY,
-                                  workspace / "prepared", workspace / "models-twonode" / FAMILY,
-                                  ray_overrides={"address": cluster.address}, resume=False, run_name=name,
+        summary = launch(make_params(workspace, num_workers=2, cpus_per_worker=1.0),
+                         workspace / "prepared", workspace / "models-twonode" / FAMILY,
+                         ray_overrides={"address": cluster.address}, resume=False, run_name=name,
                                   dvc_stage=None)
         assert len(set(summary["worker_nodes"])) == 2
         (run,) = runs_named(name)

@@ -9,7 +9,6 @@ prepared dataset and model, killed while they write.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.fsutil import finish_interrupted
+from pipeline.fsutil import file_sha256, finish_interrupted
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +54,7 @@ print("renames:", count[0])
 
 def _snapshot(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `folder` (hidden ones included)."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {p.relative_to(folder).as_posix(): file_sha256(p)
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -199,7 +198,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _params(ws: Path, name: str, **sections) -> Path:
-    base = {"generate": {"models": [FAMILY], "per_class": 4, "seed": 0, "batch_size": 8,
+    base = {"generate": {"models": [FAMILY], "per_class": 4, "seed": 0, "ray_batch_size": 8,
                          "num_actors": 1, "cpus_per_actor": 0.5, "max_rounds": 1, "min_mask_fraction": 0.0},
             "evaluate": {"metrics": ["swd", "duplicate_rate"], "feature_epochs": 1, "swd_projections": 16,
                          "swd_patches_per_image": 8, "kid_subsets": 5, "feature_min_steps": 0},

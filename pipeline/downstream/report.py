@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.downstream.run import HEADLINE, REFERENCE, SYNTH_PREFIX
+from pipeline.downstream.conditions import HEADLINE, REFERENCE, SYNTH_PREFIX
 from pipeline.downstream.stats import verdict
 
 TITLES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1"}

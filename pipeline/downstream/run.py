@@ -46,7 +46,7 @@ Outputs in `out_dir`, replaced together (fsutil.atomic_entries; evaluate/ beside
   downstream_runs.json  every run (seed, subset sizes, steps, scores, confusion matrix) and notes
   plots/*.png           scores vs shots, paired differences with intervals, confusion matrices
   summary.md            the report (report.py)
-MLflow: through `pipeline.tracking.log_downstream(metrics, artifacts)` when that module exists.
+MLflow: through `pipeline.tracking.log_downstream(metrics, artifacts)`.
 """
 
 from __future__ import annotations
@@ -71,19 +71,16 @@ from pipeline.console import progress
 from pipeline.downstream import scores, stats
 from pipeline.downstream.augment import strong_classical
 from pipeline.downstream.classifier import StopRule, predict, train_classifier
+from pipeline.downstream.conditions import CLASSICAL_SUFFIX, HEADLINE, REFERENCE, SYNTH_PREFIX
 from pipeline.downstream.copy_paste import classes_without_masks, copy_paste
 from pipeline.errors import DataError
-from pipeline.fsutil import atomic_entries
+from pipeline.fsutil import atomic_entries, json_safe
 from pipeline.metrics.data import (ImageSet, PreparedInfo, SyntheticSet, find_model_folders, load_real,
                                    load_synthetic, read_prepared_info)
 
 log = logging.getLogger(__name__)
 
-REFERENCE = "real_only"
-SYNTH_PREFIX = "real_synth_"
-CLASSICAL_SUFFIX = "_classical"
 CAS_REAL = "real"
-HEADLINE = ("balanced_accuracy", "macro_f1")          # compared as paired differences
 
 
 @dataclass
@@ -502,18 +499,6 @@ def aggregate(runs: list[dict], classes: list[str], shots_list: list[int], condi
     return flat
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def majority_baseline(test_labels: np.ndarray, num_classes: int) -> dict[str, float]:
     """Scores of always predicting the test split's most frequent class: what a degenerate
     classifier gets, the floor every condition must clear."""
@@ -543,16 +528,13 @@ def write_outputs(out_dir: Path, metrics: dict, runs: list[dict], notes: list[st
         names = report.write_plots(staging / "plots", runs, metrics, info.classes, list(params.shots),
                                    [c.name for c in conditions], params.ci_level)
         plots = [out_dir / "plots" / n for n in names]
-        (staging / "downstream.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
-        (staging / "downstream_runs.json").write_text(json.dumps(_json_safe(details), indent=2) + "\n")
+        (staging / "downstream.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
+        (staging / "downstream_runs.json").write_text(json.dumps(json_safe(details), indent=2) + "\n")
         summary = report.render_summary(out_dir=out_dir, metrics=metrics, details=details, plots=plots,
                                         prepared_dir=prepared_dir, synthetic_root=synthetic_root,
                                         models=details["synthetic_models"], evaluate_dir=evaluate_dir)
         (staging / "summary.md").write_text(summary)
     artifacts = [out_dir / "downstream.json", out_dir / "downstream_runs.json", out_dir / "summary.md", *plots]
-    try:
-        from pipeline.tracking import log_downstream
-    except ImportError:
-        log.info("pipeline.tracking not available: downstream results not logged to MLflow")
-        return
+    from pipeline.tracking import log_downstream
+
     log_downstream({k: v for k, v in metrics.items() if math.isfinite(v)}, artifacts)

@@ -48,7 +48,7 @@ import ray.data
 import torch
 
 from pipeline import console
-from pipeline.config import GenerateParams, positive, to_dict
+from pipeline.config import GenerateParams, to_dict
 from pipeline.errors import DataError, ParamsError, PipelineError, TrainingError
 from pipeline.fsutil import atomic_dir
 from pipeline.generation.placement import Placement, placement_from_params
@@ -72,17 +72,6 @@ class OutClass:
 
 # ---- checks before any work -------------------------------------------------------------------
 
-def check_params(params: GenerateParams) -> None:
-    """Fields GenerateParams.validate does not cover, and objects built without from_dict."""
-    if params.per_class <= 0:
-        raise ParamsError(f"params key 'generate.per_class' is {params.per_class}: zero images requested. "
-                          "Set it to the number of images to generate per defect class (> 0).")
-    positive(params, "generate", "batch_size", "num_actors", "cpus_per_actor", "max_rounds")
-    if not 0 < params.box_min <= params.box_max <= 1:
-        raise ParamsError("params keys 'generate.box_min' and 'generate.box_max' must satisfy "
-                          f"0 < box_min <= box_max <= 1, got {params.box_min}, {params.box_max}.")
-
-
 def check_out_dir(out_dir: Path) -> None:
     """Refuse to replace a folder that is not a previous output of this stage."""
     out_dir = Path(out_dir)
@@ -101,13 +90,9 @@ def check_compatible(model_name: str, model_dir: Path, trained: DataSpec, family
     if family_name != model_name:
         raise TrainingError(f"model folder {model_dir} holds a '{family_name}' generator, not '{model_name}'. "
                             f"Point --models-dir to the folder holding {model_name}/{EXPORT_FILE}.")
-    if (trained.resolution, trained.channels, tuple(trained.classes)) != \
-            (data.resolution, data.channels, tuple(data.classes)):
-        raise DataError(f"model {model_dir / EXPORT_FILE} was trained on {trained.resolution} px, "
-                        f"{trained.channels} channels, classes {list(trained.classes)}; the prepared data "
-                        f"{Path(prepared_dir) / 'classes.json'} has {data.resolution} px, {data.channels} "
-                        f"channels, classes {list(data.classes)}. Retrain the model on this data, or pass "
-                        "the prepared data it was trained on.")
+    trained.require_same(data, f"model {model_dir / EXPORT_FILE}",
+                         f"the prepared data {Path(prepared_dir) / 'classes.json'}",
+                         "Retrain the model on this data, or pass the prepared data it was trained on.", DataError)
 
 
 def read_normals(prepared_dir: Path, split: str) -> tuple[list[str], pa.BinaryArray]:
@@ -196,7 +181,7 @@ def generate_stream(params: GenerateParams, model_dir: Path, placement: Placemen
     synth = np.array([oc.synth for oc, _ in requests], np.int64)
     out_idx = np.array([oc.label_idx for oc, _ in requests], np.int64)
     actor_args, device = _actor_resources(params, use_gpu)
-    ds = ray.data.range(n, override_num_blocks=_num_blocks(n, params.batch_size, params.num_actors))
+    ds = ray.data.range(n, override_num_blocks=_num_blocks(n, params.ray_batch_size, params.num_actors))
     ds = ds.map_batches(plan_batch, batch_format="numpy", num_cpus=PLAN_CPUS,
                         fn_kwargs=dict(start=start, bounds=bounds, synth=synth, out_idx=out_idx,
                                        seed=params.seed, pool=pool_ref))
@@ -206,7 +191,7 @@ def generate_stream(params: GenerateParams, model_dir: Path, placement: Placemen
     # 2.60 takes max_restarts only as a deprecated extra keyword (no named parameter before 2.64).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(GenerateActor, batch_format="numpy", batch_size=params.batch_size,
+        ds = ds.map_batches(GenerateActor, batch_format="numpy", batch_size=params.ray_batch_size,
                             compute=ray.data.ActorPoolStrategy(size=params.num_actors),
                             fn_constructor_kwargs=dict(model_dir=str(Path(model_dir).absolute()),
                                                        placement=placement, device=device,
@@ -324,7 +309,7 @@ def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepa
     (synthesised images / seconds) and `startup_s` (until the first batch arrived).
     """
     model_dir, prepared_dir, out_dir = Path(model_dir), Path(prepared_dir), Path(out_dir)
-    check_params(params)
+    params.validate("generate")       # also objects built without from_dict (tests, the bench)
     check_out_dir(out_dir)
     data_spec = read_spec(prepared_dir)
     family = load_trained(model_dir)          # TrainingError for a missing/corrupt checkpoint

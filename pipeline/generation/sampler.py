@@ -4,7 +4,7 @@ No Ray here: `ray_generate.py` wraps `Sampler` in an actor, the benchmark's bare
 tests call it directly.
 
 Reproducibility. A sample's pixels are a function of (generate.seed, sample index) only, not
-of how Ray cut the work into batches and actors (nor of generate.batch_size). Two things make
+of how Ray cut the work into batches and actors (nor of generate.ray_batch_size). Two things make
 that hold while samples are synthesised in batches:
 - Noise: every sample has its own seed, `sample_seed(generate.seed, index)`, and families draw
   all noise at sampling time through `pipeline.models.noise`. Inside `per_sample_noise(seeds)`
@@ -21,14 +21,14 @@ that hold while samples are synthesised in batches:
   computes each sample separately; tests/test_generation.py checks byte equality for batches of
   1, 3 and 16 and across actor counts). Same device type and torch build assumed: a GPU or
   another torch version gives other last bits.
-Ray batches of a multiple of COMPUTE_BATCH (generate.batch_size 16, the default) waste nothing;
+Ray batches of a multiple of COMPUTE_BATCH (generate.ray_batch_size 16, the default) waste nothing;
 the padding costs only on a block's last, partial batch.
 
 Quality filter. Masks are thresholded at 0.5; a sample whose mask covers less than
 `min_mask_fraction` or more than `max_mask_fraction` of the image is dropped (an empty mask
 means the generator did not place a defect; a full one means it repainted the whole surface).
-Noise-based families (progan, dcgan) always return all-zero masks by contract, so the filter
-would drop everything: for them it is skipped (`applies_filter`).
+Noise-based families (`outputs_masks` False: progan, dcgan) always return all-zero masks by
+contract, so the filter would drop everything: for them it is skipped (`applies_filter`).
 """
 
 from __future__ import annotations
@@ -44,12 +44,10 @@ from pipeline.generation.placement import Placement, to_tensor
 from pipeline.models.base import GANFamily
 from pipeline.models.noise import per_sample_noise
 
-# Families whose synthesize() returns all-zero masks (no mask output, no normal input).
-MASKLESS_FAMILIES = frozenset({"progan", "dcgan"})
 DEFECT_LABEL = "defect"     # output class of families that cannot choose a defect class
 DEFECT_LABEL_IDX = -1
 # Samples per synthesize call, fixed so that a sample's arithmetic never depends on the batch
-# it came in (module doc). 16: the default generate.batch_size, near the CPU's batched speed.
+# it came in (module doc). 16: the default generate.ray_batch_size, near the CPU's batched speed.
 COMPUTE_BATCH = 16
 
 
@@ -64,7 +62,7 @@ def sample_seeds(seed: int, indices: np.ndarray) -> np.ndarray:
 
 
 def applies_filter(family: GANFamily) -> bool:
-    return family.name not in MASKLESS_FAMILIES
+    return family.outputs_masks
 
 
 # ---- PNG <-> arrays ----------------------------------------------------------------------------
@@ -124,7 +122,7 @@ class Sampler:
         self.device = torch.device(device)
         self.channels = family.spec.channels
         # Noise-based families ignore both the normal image and the region: no region is recorded.
-        self.uses_region = family.name not in MASKLESS_FAMILIES
+        self.uses_region = family.outputs_masks
 
     @torch.no_grad()
     def generate(self, normal_u8: np.ndarray, labels: np.ndarray, seeds: np.ndarray,

@@ -16,16 +16,15 @@ Outputs (written atomically into `out_dir`):
   table.md       models x metrics, like the Defect-GAN paper's comparison table, + per class
   do_nothing     with `evaluate.do_nothing_baseline` (default on), a baseline row: the normal
                  inputs of one image-to-image model's samples, unmodified (`metrics.data.
-                 load_do_nothing`; Defect-GAN's when it is evaluated). A model whose fid_domain
+                 load_do_nothing`; the first such model of generate.models). A model whose fid_domain
                  is not below this row's has not made its inputs look more like real defects.
   feature_net.pt the cached domain feature network (reused when data and settings match)
-MLflow: through `pipeline.tracking.log_evaluation(metrics, artifacts)` when that module exists.
+MLflow: through `pipeline.tracking.log_evaluation(metrics, artifacts)`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,12 @@ import numpy as np
 
 from pipeline.console import progress
 from pipeline.errors import DataError
-from pipeline.fsutil import atomic_dir, file_sha256
+from pipeline.fsutil import atomic_dir, file_sha256, json_safe
 from pipeline.metrics.data import (DEFECT_LABEL, DO_NOTHING, ImageSet, PreparedInfo, SyntheticSet,
                                    find_model_folders, load_do_nothing, load_real, load_synthetic,
                                    read_prepared_info)
 from pipeline.metrics.fidelity import DOMAIN_CLASS_SPACE
 from pipeline.metrics.registry import MetricContext, MetricSpec, compute_metric, validate_metric_names
-
-log = logging.getLogger(__name__)
 
 MIN_IMAGES = 2     # per side; fewer and a comparison is reported as null
 
@@ -156,10 +153,9 @@ def classifier_on_test(net, test: ImageSet, classes: list[str], batch_size: int)
 
 
 def do_nothing_baseline(synth: dict[str, SyntheticSet], prepared_dir: Path) -> tuple[SyntheticSet | None, str]:
-    """The do-nothing row from Defect-GAN's samples when present, else from the first
-    image-to-image model's; (None, why) when no evaluated model takes a normal input."""
-    order = sorted(synth, key=lambda m: m != "defectgan")
-    for model in order:
+    """The do-nothing row from the samples of the first evaluated model (in `generate.models` order:
+    params.yaml lists Defect-GAN first) that takes a normal input; (None, why) when none does."""
+    for model in synth:
         baseline = load_do_nothing(synth[model], prepared_dir)
         if baseline is not None:
             return baseline, (f"{DO_NOTHING}: the unmodified normal inputs of {model}'s {len(baseline)} samples "
@@ -206,7 +202,7 @@ def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path
                     s = synth[model]
                     feats = {sp: (real_f[sp], fake_f[model][sp]) for sp in real_f}
                     groups = comparison_groups(s, real.labels, info.classes)
-                    if not params.per_class:
+                    if not params.per_class_tables:
                         groups = groups[:1]
                     entry: dict[str, Any] = {"n_samples": len(s), "class_labelled": s.class_labelled}
                     for name, r_idx, f_idx in groups:
@@ -226,25 +222,13 @@ def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path
             "models": results,
             "notes": notes,
         }
-        (tmp / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
         (tmp / "table.md").write_text(render_table(metrics, specs))
     _log_to_tracking(metrics, [out_dir / "metrics.json", out_dir / "table.md"])
     return metrics
 
 
 # --------------------------------------------------------------------------- outputs
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
 
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -321,9 +305,6 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 
 
 def _log_to_tracking(metrics: dict, artifacts: list[Path]) -> None:
-    try:
-        from pipeline.tracking import log_evaluation
-    except ImportError:
-        log.info("pipeline.tracking not available: evaluation not logged to MLflow")
-        return
+    from pipeline.tracking import log_evaluation
+
     log_evaluation(flat_metrics(metrics), artifacts)

@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from pipeline.errors import ParamsError, PipelineError
+from pipeline.config import METRIC_NAMES, check_metric_names
+from pipeline.errors import PipelineError
 
 MetricFn = Callable[[np.ndarray, np.ndarray, "MetricContext"], float]
 
@@ -41,6 +42,8 @@ def register_metric(name: str, *, needs: tuple[str, ...] = (), lower_is_better: 
     """Decorator: register `fn` under `name` (names are unique)."""
 
     def decorator(fn: MetricFn) -> MetricFn:
+        if name not in METRIC_NAMES:
+            raise ValueError(f"metric {name!r} is not declared in pipeline.config.METRIC_NAMES")
         if name in METRICS:
             raise ValueError(f"metric {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
@@ -58,21 +61,9 @@ def known_metrics() -> list[str]:
 
 def validate_metric_names(names: list[str], key: str = "evaluate.metrics") -> list[MetricSpec]:
     """The specs for `names`; an unknown name is a ParamsError listing the known ones."""
+    check_metric_names(names, key)
     _load_builtin_metrics()
-    import difflib
-
-    specs = []
-    for name in names:
-        if name not in METRICS:
-            close = difflib.get_close_matches(name, list(METRICS), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ParamsError(f"params key '{key}' names unknown metric {name!r}.{hint} "
-                              f"Known metrics: {', '.join(sorted(METRICS))}.")
-        specs.append(METRICS[name])
-    if not specs:
-        raise ParamsError(f"params key '{key}' must name at least one metric. "
-                          f"Known metrics: {', '.join(sorted(METRICS))}.")
-    return specs
+    return [METRICS[name] for name in names]
 
 
 def _load_builtin_metrics() -> None:

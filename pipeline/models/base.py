@@ -29,7 +29,13 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from pipeline.models.losses import clip_weights
+
 Stats = dict[str, float]
+
+
+def _parameters(networks: dict[str, nn.Module]) -> list[nn.Parameter]:
+    return [p for module in networks.values() for p in module.parameters()]
 
 
 @contextlib.contextmanager
@@ -56,13 +62,53 @@ class DataSpec:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def to_dict(self) -> dict:
+        """As stored in checkpoints and exported models."""
+        return {"resolution": self.resolution, "channels": self.channels, "classes": list(self.classes)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DataSpec":
+        """From `to_dict`'s form or a prepared dataset's classes.json (other keys are ignored)."""
+        return cls(resolution=int(data["resolution"]), channels=int(data["channels"]),
+                   classes=tuple(data["classes"]))
+
+    def describe(self) -> str:
+        return f"{self.resolution} px, {self.channels} channels, classes {list(self.classes)}"
+
+    def require_same(self, data: "DataSpec", trained_what: str, data_what: str, advice: str,
+                     error: type[Exception]) -> None:
+        """Raise `error` unless a model trained on this spec can run on `data` (same resolution,
+        channels and classes, in order): "<trained_what> was trained on ...; <data_what> has ...".
+        """
+        if self != data:
+            raise error(f"{trained_what} was trained on {self.describe()}; {data_what} has "
+                        f"{data.describe()}. {advice}")
+
 
 class GANFamily(nn.Module):
-    """Base class. Subclasses set `name`, `Config`, `data_kind` and implement the methods below."""
+    """Base class. Subclasses set `name`, `Config`, `data_kind` and implement the methods below.
+
+    What a family is, declared here and read by training, generation and evaluate, which never
+    name a family: `data_kind` (the batches it trains on), `class_conditional` (it can make a
+    chosen defect class) and `outputs_masks` (it turns a normal image into a defective one and
+    says where). Which families the DAG trains, generates from, evaluates and compares is
+    params.yaml's `generate.models` (dvc.yaml's foreach reads that list); any family can be in it.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type]
     data_kind: ClassVar[Literal["labelled", "paired", "unpaired"]]
+    # Families whose generator cannot choose a defect class (cyclegan, pix2pix: one defect
+    # domain) set this False; their samples are labelled "defect" and the downstream
+    # classifier comparison skips them. An instance may set it from its config (dcgan, progan).
+    class_conditional: ClassVar[bool] = True
+    # False for noise-based families: `synthesize` ignores the normal image and the region and
+    # returns all-zero masks, so generation records no region and skips its mask quality filter,
+    # and evaluate's do-nothing baseline cannot come from their samples.
+    outputs_masks: ClassVar[bool] = True
+    # Attribute names of the networks, in a fixed order (optimizer parameter order, EMA copies).
+    generator_names: ClassVar[tuple[str, ...]] = ("G",)
+    discriminator_names: ClassVar[tuple[str, ...]] = ("D",)
 
     def __init__(self, cfg, spec: DataSpec):
         super().__init__()
@@ -72,14 +118,21 @@ class GANFamily(nn.Module):
     # ---- networks -------------------------------------------------------------------------
     def generators(self) -> dict[str, nn.Module]:
         """Trainable generator networks by name (e.g. {'G': ..., 'F': ...}). EMA copies are made of these."""
-        raise NotImplementedError
+        return {name: getattr(self, name) for name in self.generator_names}
 
     def discriminators(self) -> dict[str, nn.Module]:
-        raise NotImplementedError
+        return {name: getattr(self, name) for name in self.discriminator_names}
 
     def make_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-        """(generator optimizer, discriminator optimizer) over all G / all D params."""
-        raise NotImplementedError
+        """(generator optimizer, discriminator optimizer) over all G / all D params.
+
+        Default: Adam with the config's `beta1`, `beta2` and learning rates `lr_g` / `lr_d`
+        where the config has them, else `lr` for both."""
+        cfg = self.cfg
+        lr_g, lr_d = (cfg.lr_g, cfg.lr_d) if hasattr(cfg, "lr_g") else (cfg.lr, cfg.lr)
+        betas = (cfg.beta1, cfg.beta2)
+        return (torch.optim.Adam(_parameters(self.generators()), lr=lr_g, betas=betas),
+                torch.optim.Adam(_parameters(self.discriminators()), lr=lr_d, betas=betas))
 
     @property
     def n_critic(self) -> int:
@@ -100,7 +153,11 @@ class GANFamily(nn.Module):
 
     # ---- optional hooks -------------------------------------------------------------------
     def after_d_step(self) -> None:
-        """Called after each D optimizer step (WGAN weight clipping)."""
+        """Called after each D optimizer step. Default: WGAN weight clipping (Arjovsky et al.) of
+        every discriminator to [-cfg.clip, cfg.clip] when the config's `loss` is `wgan`."""
+        if getattr(self.cfg, "loss", None) == "wgan":
+            for module in self.discriminators().values():
+                clip_weights(module, self.cfg.clip)
 
     def set_progress(self, cur_nimg: int, total_nimg: int) -> None:
         """Called before each iteration with images shown so far (ProGAN growth/fade-in)."""
@@ -148,11 +205,6 @@ class GANFamily(nn.Module):
         return next(iter(generators.values()))
 
     # ---- synthesis (generation stage) ----------------------------------------------------
-    # Families whose generator cannot choose a defect class (cyclegan, pix2pix: one defect
-    # domain) set this False; their samples are labelled "defect" and the downstream
-    # classifier comparison skips them.
-    class_conditional: ClassVar[bool] = True
-
     @torch.no_grad()
     def synthesize(self, normal: torch.Tensor, labels: torch.Tensor,
                    region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from pipeline.config import positive, require
+from pipeline.validation import positive, require
 from pipeline.errors import ParamsError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
@@ -67,6 +67,8 @@ class CycleGAN(GANFamily):
     Config = Config
     data_kind = "unpaired"
     class_conditional = False
+    generator_names = ("G", "F")            # G: X -> Y, F: Y -> X
+    discriminator_names = ("D_Y", "D_X")
 
     def __init__(self, cfg: Config, spec: DataSpec):
         super().__init__(cfg, spec)
@@ -87,21 +89,8 @@ class CycleGAN(GANFamily):
         self.D_Y, self.D_X = disc(), disc()    # D_Y: real y vs G(x); D_X: real x vs F(y)
         self.pool_y, self.pool_x = ImagePool(cfg.pool_size), ImagePool(cfg.pool_size)   # fakes for D_Y / D_X
 
-    def generators(self) -> dict[str, nn.Module]:
-        return {"G": self.G, "F": self.F}
-
-    def discriminators(self) -> dict[str, nn.Module]:
-        return {"D_Y": self.D_Y, "D_X": self.D_X}
-
     def export_generator(self, generators: dict[str, nn.Module]) -> nn.Module:
         return generators["G"]                  # normal -> defect
-
-    def make_optimizers(self):
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        g_params = [*self.G.parameters(), *self.F.parameters()]
-        d_params = [*self.D_Y.parameters(), *self.D_X.parameters()]
-        return (torch.optim.Adam(g_params, lr=self.cfg.lr, betas=betas),
-                torch.optim.Adam(d_params, lr=self.cfg.lr, betas=betas))
 
     # ---- losses ---------------------------------------------------------------------------
     def forward_g(self, batch):

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-from torch import nn
 
-from pipeline.config import positive, require
+from pipeline.validation import positive, require
 from pipeline.errors import ParamsError
 from pipeline.models import losses, noise
 from pipeline.models.base import DataSpec, GANFamily, Stats
@@ -68,6 +67,7 @@ class DCGAN(GANFamily):
     name = "dcgan"
     Config = Config
     data_kind = "labelled"
+    outputs_masks = False        # noise -> image
 
     def __init__(self, cfg: Config, spec: DataSpec):
         super().__init__(cfg, spec)
@@ -87,12 +87,6 @@ class DCGAN(GANFamily):
         self._sample_seed = 0
 
     # ---- networks -------------------------------------------------------------------------
-    def generators(self) -> dict[str, nn.Module]:
-        return {"G": self.G}
-
-    def discriminators(self) -> dict[str, nn.Module]:
-        return {"D": self.D}
-
     @property
     def n_critic(self) -> int:
         if self.cfg.n_critic is not None:
@@ -155,10 +149,6 @@ class DCGAN(GANFamily):
             loss = loss + cfg.lambda_cls * cls
             stats["G/cls"] = cls.item()
         return loss, stats
-
-    def after_d_step(self) -> None:
-        if self.cfg.loss == "wgan":
-            losses.clip_weights(self.D, self.cfg.clip)
 
     # ---- sampling -------------------------------------------------------------------------
     @torch.no_grad()

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import positive, require
+from pipeline.validation import positive, require
 from pipeline.errors import PipelineError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
@@ -325,18 +325,6 @@ class DefectGAN(GANFamily):
                                  cfg.n_blocks, cfg.spade_hidden, cfg.noise, cfg.mask_bias)
         self.D = class_discriminator(cfg.d_arch, spec.channels, spec.resolution, cfg.d_base_channels,
                                      cfg.d_layers, K)
-
-    # ---- networks -------------------------------------------------------------------------
-    def generators(self) -> dict[str, nn.Module]:
-        return {"G": self.G}
-
-    def discriminators(self) -> dict[str, nn.Module]:
-        return {"D": self.D}
-
-    def make_optimizers(self):
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        return (torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr_g, betas=betas),
-                torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr_d, betas=betas))
 
     def set_progress(self, cur_nimg: int, total_nimg: int) -> None:
         self._nimg = cur_nimg

@@ -27,7 +27,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from pipeline.config import positive, require
+from pipeline.validation import positive, require
 from pipeline.errors import ParamsError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
@@ -86,17 +86,6 @@ class Pix2Pix(GANFamily):
                                             resolution=res, dropout=cfg.dropout))
         self.D = init_weights(PatchDiscriminator(2 * c, cfg.d_base_channels, patch_layers_for(res, cfg.d_layers),
                                                  norm=cfg.norm))
-
-    def generators(self) -> dict[str, nn.Module]:
-        return {"G": self.G}
-
-    def discriminators(self) -> dict[str, nn.Module]:
-        return {"D": self.D}
-
-    def make_optimizers(self):
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        return (torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr, betas=betas),
-                torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr, betas=betas))
 
     # ---- losses ---------------------------------------------------------------------------
     def forward_g(self, batch):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import positive, require
+from pipeline.validation import positive, require
 from pipeline.errors import PipelineError
 from pipeline.models import losses, noise
 from pipeline.models.base import DataSpec, GANFamily, Stats
@@ -187,6 +187,7 @@ class ProGAN(GANFamily):
     name = "progan"
     Config = Config
     data_kind = "labelled"
+    outputs_masks = False        # noise -> image
 
     def __init__(self, cfg: Config, spec: DataSpec):
         super().__init__(cfg, spec)
@@ -201,18 +202,6 @@ class ProGAN(GANFamily):
         # Current growth state; set_progress recomputes it every iteration. The final network
         # by default, so a family built for generation uses what a finished run trained.
         self.level, self.alpha = self.max_level, 1.0
-
-    # ---- networks -------------------------------------------------------------------------
-    def generators(self) -> dict[str, nn.Module]:
-        return {"G": self.G}
-
-    def discriminators(self) -> dict[str, nn.Module]:
-        return {"D": self.D}
-
-    def make_optimizers(self):
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        return (torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr, betas=betas, eps=1e-8),
-                torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr, betas=betas, eps=1e-8))
 
     # ---- progressive growing --------------------------------------------------------------
     @property

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import positive, require
+from pipeline.validation import positive, require
 from pipeline.errors import ParamsError
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
@@ -149,17 +149,6 @@ class StarGAN(GANFamily):
         self.G = StarGenerator(c, label_dim, cfg.base_channels, cfg.n_blocks, cfg.n_down)
         self.D = class_discriminator(cfg.d_arch, c, res, cfg.d_base_channels, cfg.d_layers, sum(self.sizes))
 
-    def generators(self) -> dict[str, nn.Module]:
-        return {"G": self.G}
-
-    def discriminators(self) -> dict[str, nn.Module]:
-        return {"D": self.D}
-
-    def make_optimizers(self):
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        return (torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr, betas=betas),
-                torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr, betas=betas))
-
     # ---- labels ---------------------------------------------------------------------------
     def _dataset(self, batch) -> torch.Tensor:
         label = batch["label"]
@@ -225,10 +214,6 @@ class StarGAN(GANFamily):
         rec = losses.l1(self.G(fake, self.label_vector(label, dataset)), x)
         loss = adv + cfg.lambda_cls * cls + cfg.lambda_rec * rec
         return loss, {"G/adv": adv.item(), "G/cls": cls.item(), "G/rec": rec.item()}
-
-    def after_d_step(self) -> None:
-        if self.cfg.loss == "wgan":
-            losses.clip_weights(self.D, self.cfg.clip)
 
     # ---- sampling -------------------------------------------------------------------------
     @torch.no_grad()

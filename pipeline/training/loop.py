@@ -15,12 +15,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from pipeline.config import AugmentParams, TrainCommonParams, to_dict
-from pipeline.errors import TrainingError
+from pipeline.config import AugmentParams, Params, TrainCommonParams, to_dict, train_params
+from pipeline.errors import DataError, TrainingError
 from pipeline.fsutil import atomic_dir
 from pipeline.models import build_family
 from pipeline.models.base import DataSpec, GANFamily
@@ -66,6 +66,10 @@ class PrintReporter(Reporter):
 
 @dataclass
 class TrainJob:
+    """One training run's specification, built once (`from_params` for the CLI and Ray Train; the
+    tests and benches build it directly) and passed as is to every worker: the family, its config,
+    the common training config, the engine's step config, the augmentation and the data spec."""
+
     family: str
     common: TrainCommonParams
     family_cfg: Any
@@ -73,6 +77,27 @@ class TrainJob:
     out_dir: Path                 # final model folder (models/<family>/), written by rank 0 at the end
     work_dir: Path                # local checkpoints and sample grids during training
     augment: AugmentParams | None = None
+    step: Optional[StepConfig] = None    # None: train.common's precision and grad_clip
+    data: Optional[DataSpec] = None      # None: read from prepared_dir/classes.json
+
+    def __post_init__(self) -> None:
+        if self.step is None:
+            self.step = StepConfig(precision=self.common.precision, grad_clip=self.common.grad_clip)
+        if self.data is None:
+            self.data = read_spec(self.prepared_dir)
+
+    @classmethod
+    def from_params(cls, params: Params, family: str, prepared_dir: Path, out_dir: Path) -> "TrainJob":
+        """The run `params` describe for `family` (validated: unknown family or bad keys are a
+        ParamsError), with prepare.augment, the train-time augmentation dvc.yaml declares as a train
+        param. Paths are made absolute (workers run elsewhere); work_dir is replaced per worker."""
+        common, family_cfg = train_params(params, family)
+        prepared_dir, out_dir = Path(prepared_dir).resolve(), Path(out_dir).resolve()
+        if not (prepared_dir / "classes.json").exists():
+            raise DataError(f"no prepared dataset at {prepared_dir} (classes.json missing). Run `pipeline prepare` "
+                            "first, or pass --data <prepared folder>.")
+        return cls(family=family, common=common, family_cfg=family_cfg, prepared_dir=prepared_dir,
+                   out_dir=out_dir, work_dir=out_dir, augment=params.prepare.augment)
 
     def resolved_config(self) -> dict:
         return {"family": self.family, "common": to_dict(self.common), self.family: to_dict(self.family_cfg),
@@ -82,9 +107,7 @@ class TrainJob:
 def read_spec(prepared_dir: Path) -> DataSpec:
     from pipeline.data.datasets import read_classes
 
-    info = read_classes(prepared_dir)
-    return DataSpec(resolution=int(info["resolution"]), channels=int(info["channels"]),
-                    classes=tuple(info["classes"]))
+    return DataSpec.from_dict(read_classes(prepared_dir))
 
 
 def _seed_all(seed: int) -> None:
@@ -125,7 +148,7 @@ class Trainer:
         self.total_nimg = int(round(c.kimg * 1000))
         self.tick_nimg = max(1, int(round(c.tick_kimg * 1000)))
 
-        self.spec = read_spec(job.prepared_dir)
+        self.spec = job.data
         _seed_all(c.seed)  # identical initial weights on every worker
         self.family = build_family(job.family, job.family_cfg, self.spec).to(self.device)
         if c.channels_last:
@@ -137,8 +160,7 @@ class Trainer:
         else:
             decay = lambda nimg: 1.0  # noqa: E731
         self.sched_g, self.sched_d = LRSchedule(self.opt_g, decay), LRSchedule(self.opt_d, decay)
-        self.step = AdversarialStep(self.family, self.opt_g, self.opt_d,
-                                    StepConfig(c.precision, c.grad_clip), self.device)
+        self.step = AdversarialStep(self.family, self.opt_g, self.opt_d, job.step, self.device)
         _broadcast_parameters(self.family)
 
         self.source = BatchSource(self.family.data_kind, job.prepared_dir, seed=c.seed * 7919 + rank,
@@ -158,8 +180,7 @@ class Trainer:
         return {
             "family": self.job.family,
             "config": self.job.resolved_config(),
-            "spec": {"resolution": self.spec.resolution, "channels": self.spec.channels,
-                     "classes": list(self.spec.classes)},
+            "spec": self.spec.to_dict(),
             "model": self.family.state_dict(),
             "ema": {name: m.state_dict() for name, m in self.ema.items()},
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
@@ -177,13 +198,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state["family"] != self.job.family:
             raise TrainingError(f"checkpoint is for family '{state['family']}', not '{self.job.family}'.")
-        spec = state["spec"]
-        if (spec["resolution"], spec["channels"], tuple(spec["classes"])) != \
-                (self.spec.resolution, self.spec.channels, self.spec.classes):
-            raise TrainingError(f"checkpoint was trained on {spec['resolution']} px, {spec['channels']} channels, "
-                                f"classes {spec['classes']}; the prepared data has {self.spec.resolution} px, "
-                                f"{self.spec.channels} channels, classes {list(self.spec.classes)}. "
-                                "Train a new run for this dataset.")
+        DataSpec.from_dict(state["spec"]).require_same(self.spec, "checkpoint", "the prepared data",
+                                                       "Train a new run for this dataset.", TrainingError)
         self.family.load_state_dict(state["model"])
         for name, m in self.ema.items():
             m.load_state_dict(state["ema"][name])
@@ -213,8 +229,7 @@ class Trainer:
 
     def _export(self) -> dict:
         return {"format": 1, "family": self.job.family, "config": self.job.resolved_config(),
-                "spec": {"resolution": self.spec.resolution, "channels": self.spec.channels,
-                         "classes": list(self.spec.classes)},
+                "spec": self.spec.to_dict(),
                 "generators": {name: m.state_dict() for name, m in self.ema.items()},
                 "family_extra": self.family.extra_state(), "nimg": self.nimg}
 
@@ -335,8 +350,7 @@ def load_trained(model_dir: Path, device: str | torch.device = "cpu") -> GANFami
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         cls = family_class(state["family"])
-        spec = DataSpec(resolution=state["spec"]["resolution"], channels=state["spec"]["channels"],
-                        classes=tuple(state["spec"]["classes"]))
+        spec = DataSpec.from_dict(state["spec"])
         cfg = from_dict(cls.Config, state["config"][state["family"]], f"train.{state['family']}")
         family = cls(cfg, spec)
         gens = family.generators()

@@ -1,7 +1,8 @@
 """Ray Train at the edge of the engine: the only module that imports ray.train.
 
-`launch_training` (driver) validates params, picks the run name, checks MLflow (before Ray
-starts), starts or joins Ray and runs a `TorchTrainer`. Each worker runs the plain engine
+`launch_training` (driver) takes the run's specification (`TrainJob.from_params`, built once by
+the caller) and the Ray resources, picks the run name, checks MLflow (before Ray starts), starts
+or joins Ray and runs a `TorchTrainer`. Each worker runs the plain engine
 (`pipeline.training.loop.Trainer`) with a `RayReporter`:
 
     worker rank r of N                          driver
@@ -57,8 +58,8 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import console
-from pipeline.config import Params, RayParams, from_dict, to_dict, train_params
-from pipeline.errors import DataError, ParamsError, PipelineError, TrainingError
+from pipeline.config import RayParams
+from pipeline.errors import ParamsError, PipelineError, TrainingError
 from pipeline.fsutil import atomic_dir, ensure_writable_parent
 from pipeline.training.checkpoint import capture_rng, load_checkpoint, restore_rng
 from pipeline.training.loop import EXPORT_FILE, Reporter, Trainer, TrainJob
@@ -323,11 +324,6 @@ def _worker_loop(config: dict) -> None:
 
 # --------------------------------------------------------------------------- driver side
 
-def ray_params(params: Params, overrides: dict) -> RayParams:
-    """params.ray with CLI overrides applied, validated (errors name `ray.<key>`)."""
-    return from_dict(RayParams, {**to_dict(params.ray), **(overrides or {})}, "ray")
-
-
 def _storage(path: str) -> str:
     """RunConfig storage_path: URIs as given, local folders absolute (relative = current dir)."""
     if "://" in path:
@@ -475,28 +471,16 @@ def loss_curves_tsv(history: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train_job(params: Params, family: str, data_dir: Path, out_dir: Path) -> TrainJob:
-    """The TrainJob `params` describe for `family`: its validated configs and prepare.augment, the
-    train-time augmentation dvc.yaml declares as a train param. work_dir is replaced per worker."""
-    common, family_cfg = train_params(params, family)
-    return TrainJob(family=family, common=common, family_cfg=family_cfg, prepared_dir=Path(data_dir),
-                    out_dir=Path(out_dir), work_dir=Path(out_dir), augment=params.prepare.augment)
-
-
-def launch_training(params: Params, family: str, data_dir: Path, out_dir: Path, ray_overrides: dict,
-                    resume: bool, run_name: str | None, dvc_stage: str | None) -> dict:
-    """Train `family` on Ray Train; write models/<family>/; log to MLflow. Returns a summary dict:
-    run_name, run_dir, out_dir, metrics (last tick), mlflow_run_id, worker_nodes, world_size, seconds,
-    ray (where it ran), ray_connect_s (starting or joining Ray). Prints only the progress display.
+def launch_training(job: TrainJob, rp: RayParams, resume: bool, run_name: str | None,
+                    dvc_stage: str | None) -> dict:
+    """Train `job` (TrainJob.from_params) on Ray Train with the resources `rp` (RayParams.with_overrides);
+    write job.out_dir (models/<family>/); log to MLflow. Returns a summary dict: run_name, run_dir,
+    out_dir, metrics (last tick), mlflow_run_id, worker_nodes, world_size, seconds, ray (where it
+    ran), ray_connect_s (starting or joining Ray). Prints only the progress display.
     """
     start = time.perf_counter()
-    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
-    job = train_job(params, family, data_dir, out_dir)   # unknown family / bad keys: ParamsError
-    common = job.common
-    rp = ray_params(params, ray_overrides)
-    if not (data_dir / "classes.json").exists():
-        raise DataError(f"no prepared dataset at {data_dir} (classes.json missing). Run `pipeline prepare` "
-                        "first, or pass --data <prepared folder>.")
+    family, common = job.family, job.common
+    data_dir, out_dir = Path(job.prepared_dir).resolve(), Path(job.out_dir).resolve()
     ensure_writable_parent(out_dir)   # fail now, not after training
     storage = _storage(rp.storage_path)
     run_name = choose_run_name(storage, family, run_name, resume)
@@ -560,5 +544,5 @@ def launch_training(params: Params, family: str, data_dir: Path, out_dir: Path, 
     return summary
 
 
-__all__ = ["launch_training", "choose_run_name", "ray_params", "RayReporter", "WorkerConfig", "HOOK_ENV",
+__all__ = ["launch_training", "choose_run_name", "RayReporter", "WorkerConfig", "HOOK_ENV",
            "loss_curves_tsv", "progress_note", "LOSS_CURVES_TSV"]
