@@ -39,7 +39,6 @@ from pipeline.generation.placement import jitter_mask, random_box, real_class_ma
 from pipeline.fsutil import file_sha256  # noqa: E402
 from pipeline.metrics.features import domain_feature_net, extract_features, predict, train_feature_net  # noqa: E402
 from pipeline.metrics.kernel import fid_from_features  # noqa: E402
-from pipeline.training.ray_train import train_job  # noqa: E402
 from pipeline.models import REGISTRY  # noqa: E402
 from pipeline.training.loop import Trainer, TrainJob  # noqa: E402
 
@@ -54,6 +53,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="?", default="{}")
     p.add_argument("--placement", choices=("random", "real"), default="random")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--box-min", type=float, default=0.2, help="placement box side, fraction of the image")
+    p.add_argument("--box-max", type=float, default=0.5)
     p.add_argument("--samples", type=int, default=30, help="per defect class")
     p.add_argument("--params", type=Path, default=None,
                    help="start from this params file's train.defectgan / train.common / prepare.augment "
@@ -67,7 +68,7 @@ def main() -> None:
     overrides = json.loads(args.overrides)
     if args.params is not None:
         params = load_params(args.params)
-        job = train_job(params, "defectgan", args.prepared, args.out / "model")
+        job = TrainJob.from_params(params, "defectgan", args.prepared, args.out / "model")
         job.common = dataclasses.replace(job.common, kimg=args.kimg, snapshot_ticks=1000)
         job.family_cfg = dataclasses.replace(job.family_cfg, **overrides)
         job.family_cfg.validate("train.defectgan")
@@ -110,7 +111,7 @@ def main() -> None:
     for k in range(1, K):
         x = normals[torch.randint(0, len(normals), (args.samples,), generator=gen)].float() / 127.5 - 1
         region = np.stack([jitter_mask(class_masks[k], 1000 * k + i) if k in class_masks
-                           else random_box(1000 * k + i, res, 0.2, 0.5) for i in range(args.samples)])
+                           else random_box(1000 * k + i, res, args.box_min, args.box_max) for i in range(args.samples)])
         torch.manual_seed(k)
         y, m = fam.synthesize(x, torch.full((args.samples,), k), torch.from_numpy(region).float()[:, None])
         images.append(((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
