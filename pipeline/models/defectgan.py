@@ -207,31 +207,37 @@ def jitter_masks(masks: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(torch.stack(moved), 3, stride=1, padding=1)
 
 
-def mask_bce(m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Class-balanced binary cross-entropy of masks in [0, 1] against {0, 1} masks: the mean of
-    -log m over defect pixels and of -log(1 - m) over the others, averaged. A plain pixel mean
-    lets a defect of 20 px in 4096 weigh 0.5 %, and the masks it learns stay far smaller than the
-    defect (measured: mean 0.002 against real masks of 0.01 on the production preset). fp32:
-    under bf16 autocast log(1 - m) would round away small masks."""
+def bce_terms(m: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel cross-entropy of masks in [0, 1] against {0, 1} masks, split into the defect
+    pixels' -log m and the others' -log(1 - m) (each 0 elsewhere). fp32: under bf16 autocast
+    log(1 - m) would round away small masks; written out because F.binary_cross_entropy refuses
+    CUDA autocast."""
     m, target = m.float().clamp(1e-6, 1 - 1e-6), target.float()
-    pos = (target * -torch.log(m)).sum() / target.sum().clamp_min(1.0)
-    neg = ((1 - target) * -torch.log(1 - m)).sum() / (1 - target).sum().clamp_min(1.0)
-    return 0.5 * (pos + neg)
+    return target * -torch.log(m), (1 - target) * -torch.log(1 - m)
+
+
+def mask_bce(m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class-balanced binary cross-entropy: the mean of -log m over defect pixels and of
+    -log(1 - m) over the others, averaged. A plain pixel mean lets a defect of 20 px in 4096 weigh
+    0.5 %, and the masks it learns stay far smaller than the defect (measured: mean 0.002 against
+    real masks of 0.01 on the production preset)."""
+    pos, neg = bce_terms(m, target)
+    target = target.float()
+    return 0.5 * (pos.sum() / target.sum().clamp_min(1.0) + neg.sum() / (1 - target).sum().clamp_min(1.0))
 
 
 def soft_dice_loss(m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - 2 sum(m t) / (sum m + sum t), per image, averaged: 0 when m equals the {0, 1} target,
-    independent of how small the defect is. fp32, as mask_bce."""
+    independent of how small the defect is. fp32, as bce_terms."""
     m, target = m.float().flatten(1), target.float().flatten(1)
     overlap = (m * target).sum(1)
     return (1 - 2 * overlap / (m.sum(1) + target.sum(1)).clamp_min(1e-6)).mean()
 
 
 def pixel_bce(m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Pixel-mean binary cross-entropy of masks in [0, 1] against {0, 1} masks (fp32; written out
-    because F.binary_cross_entropy refuses CUDA autocast)."""
-    m, target = m.float().clamp(1e-6, 1 - 1e-6), target.float()
-    return -(target * torch.log(m) + (1 - target) * torch.log(1 - m)).mean()
+    """Pixel-mean binary cross-entropy (bce_terms averaged over every pixel)."""
+    pos, neg = bce_terms(m, target)
+    return (pos + neg).mean()
 
 
 def mask_supervision(m: torch.Tensor, target: torch.Tensor, form: str) -> torch.Tensor:
