@@ -19,7 +19,6 @@ and writes OUT/preview.png: per class, 8 samples and their masks.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -68,11 +67,10 @@ def main() -> None:
     overrides = json.loads(args.overrides)
     if args.params is not None:
         params = load_params(args.params)
-        job = TrainJob.from_params(params, "defectgan", args.prepared, args.out / "model")
-        job.common = dataclasses.replace(job.common, kimg=args.kimg, snapshot_ticks=1000)
-        job.family_cfg = dataclasses.replace(job.family_cfg, **overrides)
-        job.family_cfg.validate("train.defectgan")
-        job.work_dir = args.out / "work"
+        # kimg and snapshot_ticks in the family section: there they win over train.common and
+        # over a kimg params.yaml sets for defectgan, as the bench's own figures must.
+        job = TrainJob.from_params(params, "defectgan", args.prepared, args.out / "model", work_dir=args.out / "work",
+                                   overrides={"defectgan": {**overrides, "kimg": args.kimg, "snapshot_ticks": 1000}})
     else:
         common = from_dict(TrainCommonParams, {"kimg": args.kimg, "batch_size": args.batch, "snapshot_ticks": 1000,
                                                "tick_kimg": max(args.kimg / 10, 0.05), "ema_decay": 0.99}, "common")

@@ -137,6 +137,22 @@ def test_resumed_run_matches_uninterrupted_run_exactly(prepared, tmp_path):
     assert not torch.equal(fresh.G[0].weight, a["0.weight"])
 
 
+def test_run_spec_overrides_are_laid_over_params_and_validated(prepared, tmp_path):
+    from pipeline.config import Params
+    from pipeline.errors import ParamsError
+
+    params = Params()
+    params.train = {"common": {"kimg": 2.0}, "dcgan": {"kimg": 3.0, "z_dim": 8}}
+    job = loop.TrainJob.from_params(params, "dcgan", prepared, tmp_path / "out", work_dir=tmp_path / "work",
+                                    overrides={"dcgan": {"kimg": 0.5, "base_channels": 4}})
+    # a family key wins over train.common, as in params.yaml; keys not overridden stay
+    assert (job.common.kimg, job.family_cfg.z_dim, job.family_cfg.base_channels) == (0.5, 8, 4)
+    assert job.work_dir == (tmp_path / "work").resolve() and job.out_dir == (tmp_path / "out").resolve()
+    assert params.train["dcgan"] == {"kimg": 3.0, "z_dim": 8}            # the caller's params untouched
+    with pytest.raises(ParamsError, match="train.dcgan.no_such_key"):
+        loop.TrainJob.from_params(params, "dcgan", prepared, tmp_path / "out", overrides={"dcgan": {"no_such_key": 1}})
+
+
 def test_final_outputs_are_written_and_readable(prepared, tmp_path):
     job = make_job(prepared, tmp_path, "outs", kimg=0.032)
     metrics = loop.train(job)

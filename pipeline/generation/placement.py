@@ -104,12 +104,18 @@ class Placement:
         return np.stack([self.region(int(s), int(i), int(k)) for s, i, k in zip(seeds, indices, labels)])
 
 
+def shift_range(lo: int, hi: int, size: int) -> tuple[int, int]:
+    """Shifts in [-size // 4, size // 4] that keep the span [lo, hi] (and the 1 px its dilation
+    adds) inside [0, size); (0, 0) where the span already touches both borders. Shared by
+    generation's jitter_mask and Defect-GAN's training-time jitter_masks, so a generated region
+    moves exactly as the training regions did."""
+    return max(-(size // 4), min(0, 1 - lo)), min(size // 4, max(0, size - 2 - hi))
+
+
 def jitter_mask(masks: np.ndarray, seed: int) -> np.ndarray:
     """One of `masks` (N, H, W) picked and jittered by `seed`: random flips, a shift of up to a
     quarter of the image that keeps the mask inside it, dilation by 1 px (as
     pipeline.models.defectgan.jitter_masks does in training)."""
-    from pipeline.models.defectgan import shift_range
-
     rng = np.random.default_rng(seed)
     m = masks[int(rng.integers(0, len(masks)))]
     if rng.random() < 0.5:

@@ -45,6 +45,7 @@ from torch import nn
 
 from pipeline.validation import positive, require
 from pipeline.errors import PipelineError
+from pipeline.generation.placement import shift_range
 from pipeline.models import losses
 from pipeline.models.base import DataSpec, GANFamily, Stats
 from pipeline.models.base import fixed_rng as _fixed_rng
@@ -177,12 +178,6 @@ def random_boxes(n: int, size: tuple[int, int], side_min: float, side_max: float
     inside = ((rows >= y0[:, None, None]) & (rows < (y0 + bh)[:, None, None])
               & (cols >= x0[:, None, None]) & (cols < (x0 + bw)[:, None, None]))
     return inside[:, None].float()
-
-
-def shift_range(lo: int, hi: int, size: int) -> tuple[int, int]:
-    """Shifts in [-size // 4, size // 4] that keep the span [lo, hi] (and the 1 px its dilation
-    adds) inside [0, size); (0, 0) where the span already touches both borders."""
-    return max(-(size // 4), min(0, 1 - lo)), min(size // 4, max(0, size - 2 - hi))
 
 
 def jitter_masks(masks: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,17 +87,30 @@ class TrainJob:
             self.data = read_spec(self.prepared_dir)
 
     @classmethod
-    def from_params(cls, params: Params, family: str, prepared_dir: Path, out_dir: Path) -> "TrainJob":
+    def from_params(cls, params: Params, family: str, prepared_dir: Path, out_dir: Path,
+                    overrides: dict[str, dict] | None = None, work_dir: Path | None = None) -> "TrainJob":
         """The run `params` describe for `family` (validated: unknown family or bad keys are a
         ParamsError), with prepare.augment, the train-time augmentation dvc.yaml declares as a train
-        param. Paths are made absolute (workers run elsewhere); work_dir is replaced per worker."""
+        param. Paths are made absolute (workers run elsewhere); work_dir (default out_dir) is
+        replaced per worker by Ray Train.
+
+        overrides: train sections laid over params.train before validation, e.g.
+        `{"defectgan": {"kimg": 1, "lambda_region": 0}}` (a bench's variant of a params file), so
+        the run is still built and checked in this one place; as in params.yaml, a family key
+        naming a train.common field overrides train.common."""
+        if overrides:
+            train = dict(params.train or {})
+            for section, values in overrides.items():
+                train[section] = {**(train.get(section) or {}), **values}
+            params = replace(params, train=train)
         common, family_cfg = train_params(params, family)
         prepared_dir, out_dir = Path(prepared_dir).resolve(), Path(out_dir).resolve()
         if not (prepared_dir / "classes.json").exists():
             raise DataError(f"no prepared dataset at {prepared_dir} (classes.json missing). Run `pipeline prepare` "
                             "first, or pass --data <prepared folder>.")
-        return cls(family=family, common=common, family_cfg=family_cfg, prepared_dir=prepared_dir,
-                   out_dir=out_dir, work_dir=out_dir, augment=params.prepare.augment)
+        return cls(family=family, common=common, family_cfg=family_cfg, prepared_dir=prepared_dir, out_dir=out_dir,
+                   work_dir=Path(work_dir).resolve() if work_dir is not None else out_dir,
+                   augment=params.prepare.augment)
 
     def resolved_config(self) -> dict:
         return {"family": self.family, "common": to_dict(self.common), self.family: to_dict(self.family_cfg),
