@@ -293,10 +293,6 @@ def _run(cmd: list[str], env: dict, timeout: float, what: str) -> subprocess.Com
 
 
 def test_two_node_cluster_training_tracked_in_mlflow(workdir, tracking_server):
-    for module in ("pipeline/training/ray_train.py", "pipeline/data/prepare.py", "pipeline/tracking.py"):
-        if not (REPO / module).exists():
-            pytest.skip(f"{module} does not exist yet")
-
     params = workdir / "params.yaml"
     params.write_text(yaml.safe_dump({**TINY_PARAMS, "ray": {"storage_path": str(workdir / "ray_results")}}))
     temp_root = Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))     # short: Ray's socket paths
