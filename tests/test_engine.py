@@ -286,6 +286,48 @@ def test_gradients_are_averaged_across_workers(tmp_path):
         assert torch.allclose(got["q"], torch.full((2,), 0.5))
 
 
+def _two_rank_run(rank, world, port, prepared, tmp):
+    """Rank `rank` of a 2-process gloo group: an uninterrupted run, then a run stopped after its
+    second checkpoint and resumed from it (rank 0's files only, as on a cluster)."""
+    import torch.distributed as dist
+
+    REGISTRY["toy"] = ToyFamily              # a spawned process: the fixture registered it in the parent only
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loop.train(make_job(prepared, tmp, "full"), rank=rank, world_size=world)
+        broken = make_job(prepared, tmp, "resumed")
+        try:
+            loop.train(broken, reporter=CrashAfterSnapshot(2), rank=rank, world_size=world)
+        except KeyboardInterrupt:
+            pass
+        dist.barrier()                       # rank 0 has written the checkpoint every rank resumes from
+        loop.train(broken, resume_from=loop.latest_local_checkpoint(broken.work_dir), rank=rank, world_size=world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_one_engine_checkpoint(prepared, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_run, args=(2, port, prepared, tmp_path), nprocs=2)
+
+    a, b = export_tensors(tmp_path / "full" / "model"), export_tensors(tmp_path / "resumed" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # rank 1's own sampler and RNG state travel in rank 0's checkpoints (here the final one), not
+    # in a file of its own
+    state = load_checkpoint(tmp_path / "resumed" / "model")
+    assert state["world_size"] == 2 and len(state["peer_ranks"]) == 1
+    assert not torch.equal(state["peer_ranks"][0]["rng"]["torch"], state["rng"]["torch"])
+    assert not torch.equal(state["peer_ranks"][0]["source"]["gen"], state["source"]["gen"])
+
+
 def test_adversarial_loss_names_are_complete():
     assert set(L.LOSS_NAMES) == {"vanilla", "nonsaturating", "lsgan", "wgan", "wgan-gp", "hinge"}
     assert math.isclose(float(L.d_adversarial("vanilla", torch.zeros(4), torch.zeros(4))), 2 * math.log(2), rel_tol=1e-6)

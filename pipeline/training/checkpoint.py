@@ -2,8 +2,8 @@
 
 A checkpoint holds G, D and G_ema weights, both optimizers, the lr schedules, family extra state
 (history pools, progressive phase), images-shown counters, tick history, the batch sampler and
-every RNG state (torch, numpy, python), the resolved config and the reporter's state (MLflow run
-id). Only plain containers, numbers, strings and tensors go in, so no pickle code runs on load.
+every RNG state (torch, numpy, python) of each rank (rank 0's at the top level, the others' in
+`peer_ranks`), the resolved config and the reporter's state (MLflow run id). Only plain containers, numbers, strings and tensors go in, so no pickle code runs on load.
 """
 
 from __future__ import annotations

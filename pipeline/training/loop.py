@@ -133,10 +133,16 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _broadcast_parameters(family: GANFamily) -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         for tensor in list(family.parameters()) + list(family.buffers()):
             dist.broadcast(tensor.data, src=0)
 
@@ -189,8 +195,26 @@ class Trainer:
         self.flops_per_image: dict[bool, float] = {}   # keyed by "this iteration trains G"
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
+    def rank_state(self) -> dict:
+        """What differs between workers: this rank's batch sampler and RNG streams."""
+        return {"source": self.source.state_dict(), "rng": capture_rng()}
+
+    def gather_rank_states(self) -> list[dict]:
+        """Every rank's `rank_state`, in rank order. Collective when several workers train in a
+        process group: all ranks call it at the same point, so rank 0 can put them all into the
+        one checkpoint and a resumed run restores each rank exactly."""
+        if not _distributed():
+            return [self.rank_state()]
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.world
+        dist.all_gather_object(states, self.rank_state())
+        return states
+
+    def state_dict(self, rank_states: list[dict] | None = None) -> dict:
+        """The full checkpoint. `rank_states` (gather_rank_states) adds the other ranks' sampler
+        and RNG state as `peer_ranks`; without it only this rank's is saved (one worker)."""
+        state = {
             "family": self.job.family,
             "config": self.job.resolved_config(),
             "spec": self.spec.to_dict(),
@@ -207,6 +231,17 @@ class Trainer:
             "reporter": self.reporter.state_dict(),
             "world_size": self.world,
         }
+        if rank_states is not None and len(rank_states) > 1:
+            state["peer_ranks"] = rank_states[1:]
+        return state
+
+    def _own_rank_state(self, state: dict) -> dict | None:
+        """This rank's sampler and RNG state in checkpoint `state`: top level for rank 0, `peer_ranks`
+        for the others; None when the checkpoint holds none for it (saved by another version)."""
+        if self.rank == 0:
+            return {"source": state["source"], "rng": state["rng"]}
+        peers = state.get("peer_ranks") or []
+        return peers[self.rank - 1] if self.rank - 1 < len(peers) else None
 
     def load_state_dict(self, state: dict) -> None:
         if state["family"] != self.job.family:
@@ -225,9 +260,10 @@ class Trainer:
         self.iteration = int(state["counters"]["iteration"])
         self.tick_index = int(state["counters"]["tick_index"])
         self.history = list(state["history"])
-        if int(state.get("world_size", 1)) == self.world:
-            self.source.load_state_dict(state["source"])
-            restore_rng(state["rng"])
+        own = self._own_rank_state(state) if int(state.get("world_size", 1)) == self.world else None
+        if own is not None:   # otherwise shards changed (or were not saved): the fresh seeding stands
+            self.source.load_state_dict(own["source"])
+            restore_rng(own["rng"])
         self.reporter.load_state_dict(state.get("reporter") or {})
 
     def resume(self, checkpoint: Path | dict) -> None:
@@ -246,12 +282,12 @@ class Trainer:
                 "generators": {name: m.state_dict() for name, m in self.ema.items()},
                 "family_extra": self.family.extra_state(), "nimg": self.nimg}
 
-    def _write_final(self, metrics: dict[str, float]) -> None:
+    def _write_final(self, metrics: dict[str, float], rank_states: list[dict]) -> None:
         from pipeline.training.plots import plot_loss_curves
 
         with atomic_dir(self.job.out_dir) as tmp:
             torch.save(self._export(), tmp / EXPORT_FILE)
-            save_checkpoint(self.state_dict(), tmp)
+            save_checkpoint(self.state_dict(rank_states), tmp)
             save_grid(self._sample_rows(), tmp / "samples.png")
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             plot_loss_curves(self.history, tmp / "loss_curves.png", title=self.job.family)
@@ -311,8 +347,9 @@ class Trainer:
                 tick_start, tick_start_nimg, tick_flops = time.perf_counter(), self.nimg, 0.0
 
         out_dir = None
+        rank_states = self.gather_rank_states()
         if self.rank == 0:
-            self._write_final(metrics)
+            self._write_final(metrics, rank_states)
             out_dir = job.out_dir
         self.reporter.on_end(out_dir, metrics, self.export_module() if self.rank == 0 else None)
         return metrics
@@ -322,11 +359,13 @@ class Trainer:
 
     def _snapshot(self, metrics: dict[str, float]) -> None:
         ckpt_dir = grid_path = None
+        work = Path(self.job.work_dir)
         if self.rank == 0:
-            work = Path(self.job.work_dir)
             grid_path = save_grid(self._sample_rows(), work / "samples" / f"grid-{self.nimg:09d}.png")
+        rank_states = self.gather_rank_states()
+        if self.rank == 0:
             ckpt_dir = work / "checkpoints" / f"checkpoint-{self.nimg:09d}"
-            save_checkpoint(self.state_dict(), ckpt_dir)
+            save_checkpoint(self.state_dict(rank_states), ckpt_dir)
             for old in sorted((work / "checkpoints").glob("checkpoint-*")):
                 if old != ckpt_dir:
                     shutil.rmtree(old, ignore_errors=True)
