@@ -51,10 +51,10 @@ orig_fit = ray_train.PipelineTorchTrainer.fit
 def fit(self):
     ev["fit_start"] = time.time(); r = orig_fit(self); ev["fit_end"] = time.time(); return r
 ray_train.PipelineTorchTrainer.fit = fit
-orig_deliver = ray_train._deliver
+orig_deliver = ray_train.deliver
 def deliver(*a):
     ev["deliver_start"] = time.time(); r = orig_deliver(*a); ev["deliver_end"] = time.time(); return r
-ray_train._deliver = deliver
+ray_train.deliver = deliver
 orig_shutdown = ray.shutdown
 def shutdown(*a, **k):
     ev["shutdown_start"] = time.time(); r = orig_shutdown(*a, **k); ev["shutdown_end"] = time.time(); return r

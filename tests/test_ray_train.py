@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from worker_hooks import install as install_hooks
+from worker_hooks import reporter_wrapper
 
 TINY_TRAIN = {
     # 2 workers x batch 4 = 8 images per iteration; ticks of 16 images; snapshots at 32 and 64.
@@ -155,12 +157,11 @@ def started_from(hook_dir: Path, rank: int = 0) -> list[int]:
 
 
 @pytest.fixture
-def hook_dir(tmp_path, monkeypatch):
-    from pipeline.training.ray_train import HOOK_ENV
-
+def hook_dir(tmp_path):
+    """The folder of the fault-injecting reporter (tests/worker_hooks.py); pass
+    `wrap_reporter=reporter_wrapper(hook_dir)` to launch, or install it for the CLI."""
     d = tmp_path / "hook"
     d.mkdir()
-    monkeypatch.setenv(HOOK_ENV, str(d))
     return d
 
 
@@ -238,7 +239,7 @@ def test_resume_without_a_run_is_a_clear_error(workspace, tmp_path):
 
 def test_fresh_run_name_never_resumes_silently(workspace, tmp_path):
     from pipeline.errors import TrainingError
-    from pipeline.training.ray_train import choose_run_name
+    from pipeline.training.run_folders import choose_run_name
 
     storage = tmp_path / "runs"
     (storage / "mine").mkdir(parents=True)
@@ -313,7 +314,8 @@ def test_killed_worker_resumes_to_the_same_weights(workspace, baseline, hook_dir
     killer.start()
     out = workspace / "models-killed" / FAMILY
     summary = launch(make_params(workspace, max_failures=1), workspace / "prepared", out,
-                     ray_overrides={}, resume=False, run_name=name, dvc_stage=None)
+                     ray_overrides={}, resume=False, run_name=name, dvc_stage=None,
+                     wrap_reporter=reporter_wrapper(hook_dir))
     killer.join(5)
     assert killer.error is None and killer.killed_pid is not None
     assert int((hook_dir / "rank1.pid").read_text()) != killer.killed_pid   # a new worker process
@@ -326,7 +328,7 @@ def test_killed_worker_resumes_to_the_same_weights(workspace, baseline, hook_dir
 
 
 @pytest.mark.slow
-def test_stopped_run_continues_with_resume(workspace, baseline, hook_dir, tmp_path):
+def test_stopped_run_continues_with_resume(workspace, baseline, hook_dir, tmp_path, monkeypatch):
     from pipeline.errors import TrainingError
     name = unique("stopped")
     params_file = write_params(workspace, tmp_path / "params.yaml", max_failures=0)
@@ -335,11 +337,13 @@ def test_stopped_run_continues_with_resume(workspace, baseline, hook_dir, tmp_pa
     killer.start()
     with pytest.raises(TrainingError, match="--resume"):
         launch(make_params(workspace, max_failures=0), workspace / "prepared", out,
-               ray_overrides={}, resume=False, run_name=name, dvc_stage=None)
+               ray_overrides={}, resume=False, run_name=name, dvc_stage=None,
+               wrap_reporter=reporter_wrapper(hook_dir))
     killer.join(5)
     assert killer.killed_pid is not None and not out.exists()
     (first,) = runs_named(name)
 
+    install_hooks(hook_dir, monkeypatch.setattr)
     res = invoke(["train", "--stage", FAMILY, "--params", str(params_file), "--data", str(workspace / "prepared"),
                   "--out", str(out), "--resume", "--run-name", name])
     assert res.exit_code == 0, res.output
@@ -377,7 +381,7 @@ def test_two_node_cluster_places_ranks_on_both_nodes(workspace, local_ray):
 # --------------------------------------------------------------------------- issue 14: console, plots
 
 def test_loss_curves_tsv_has_a_row_per_tick():
-    from pipeline.training.ray_train import loss_curves_tsv
+    from pipeline.training.delivery import loss_curves_tsv
 
     history = [{"nimg": 16, "kimg": 0.016, "D/loss": 1.5, "G/loss": 2.25, "lr/G": 1e-3, "img_per_s": 9.0},
                {"nimg": 32, "kimg": 0.032, "D/loss": 1.25, "G/loss": 2.0, "G/cyc": 0.5}]
@@ -387,7 +391,7 @@ def test_loss_curves_tsv_has_a_row_per_tick():
 
 def test_progress_watch_moves_the_bar_and_names_a_restart(capsys):
     from pipeline import console
-    from pipeline.training.ray_train import ProgressWatch, progress_figures, progress_note
+    from pipeline.training.ray_progress import ProgressWatch, progress_figures, progress_note
 
     tick = {"img_per_s": 95.4, "D/loss": 0.41234, "G/loss": 2.1, "lr/G": 0.1}
     assert progress_figures(tick) == {"img_per_s": 95.4, "D/loss": 0.41234, "G/loss": 2.1}
@@ -404,14 +408,16 @@ def test_progress_watch_moves_the_bar_and_names_a_restart(capsys):
     assert capsys.readouterr().err == "  train x: Ray Train restarted the workers; resuming from 0.032 kimg\n"
 
 
-def run_cli(args, env_extra, timeout=900):
+def run_cli(args, env_extra, timeout=900, hook_dir: Path | None = None):
+    """`pipeline ARGS` in a process of its own; with the fault-injecting reporter when hook_dir is given."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PIPELINE_VERBOSE")}
     env.update({"PYTHONUNBUFFERED": "1", "PIPELINE_PROGRESS_INTERVAL_S": "3", **env_extra})
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    entry = ["-m", "pipeline.cli"] if hook_dir is None else [str(Path(__file__).with_name("worker_hooks.py")),
+                                                             str(hook_dir)]
+    return subprocess.run([sys.executable, *entry, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -449,7 +455,7 @@ def test_a_worker_bug_shows_its_full_traceback(workspace, tmp_path, hook_dir):
     params = write_params(workspace, tmp_path / "params.yaml", max_failures=0)
     res = run_cli(["train", "--stage", FAMILY, "--params", str(params), "--data", str(workspace / "prepared"),
                    "--out", str(tmp_path / "out"), "--num-workers", "1", "--run-name", unique("bug")],
-                  {"PIPELINE_CLUSTER_STATE": str(tmp_path / "no-cluster.json")})
+                  {"PIPELINE_CLUSTER_STATE": str(tmp_path / "no-cluster.json")}, hook_dir=hook_dir)
     text = res.stdout + res.stderr
     assert res.returncode != 0
     assert "training worker rank 0 failed:" in text and "Traceback (most recent call last):" in text
