@@ -18,7 +18,7 @@ row, not a column.
                                            push the table past 200 characters)
 
 Plot data for `dvc plots show` (the PNGs stay, as `dvc plots show` renders blank offline):
-    models/<family>/loss_curves.tsv        written by the training launcher (ray_train.loss_curves_tsv)
+    models/<family>/loss_curves.tsv        written by the training launcher (pipeline/training/delivery.py loss_curves_tsv)
     reports/downstream_scores.tsv          one row per shot count, `<condition>/macro_f1` and
                                            `<condition>/accuracy` columns (`scores_vs_shots_tsv`)
 """
