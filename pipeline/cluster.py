@@ -211,9 +211,27 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:]) or "(no output)"
 
 
+def job_env() -> dict[str, str]:
+    """The variables every process of this stage's Ray job must see: the package's library defaults
+    (pipeline/environment.py), the console's quiet settings and verbosity, and any Ray Train setting
+    the user exported (Ray Train would otherwise forward those from the driver to its controller and
+    workers). Values as they are in this process's environment now."""
+    return {key: value for key, value in os.environ.items() if _job_env_key(key)}
+
+
+def _job_env_key(key: str) -> bool:
+    from pipeline import console
+
+    return key in environment.DEFAULTS or key in console.QUIET_ENV or key == console.VERBOSE_ENV \
+        or key.startswith("RAY_TRAIN_")
+
+
 def _node_env() -> dict[str, str]:
-    """A node's environment: this one, the package's library defaults filled in (pipeline/environment.py)."""
-    return environment.with_defaults(os.environ)
+    """A node's environment: this one, the package's library defaults and the console's quiet settings
+    filled in (set values win), so a stage that joins finds what it needs already there (`connect`)."""
+    from pipeline import console
+
+    return environment.with_defaults({**console.quiet_env(), **os.environ})
 
 
 def _ray_start_command() -> list[str]:
@@ -221,7 +239,8 @@ def _ray_start_command() -> list[str]:
     return [sys.executable, "-u", "-m", "ray.scripts.scripts", "start"]
 
 
-def _start_node(args: list[str], log: Path, what: str, timeout: float) -> dict[str, Any]:
+def _start_node(args: list[str], log: Path, what: str, timeout: float,
+                env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Run `ray start <args> --block` detached; return its record once the node is up."""
     import psutil
 
@@ -229,7 +248,8 @@ def _start_node(args: list[str], log: Path, what: str, timeout: float) -> dict[s
     with open(log, "wb") as out:
         try:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     env=_node_env(), start_new_session=True, close_fds=True)
+                                     env=env if env is not None else _node_env(), start_new_session=True,
+                                     close_fds=True)
         except OSError as err:
             raise PipelineError(f"could not run `ray start` for the {what}: {err}.") from None
     root = psutil.Process(popen.pid)
@@ -296,6 +316,7 @@ def cluster_up(nodes: int = 2, cpus_per_node: float = 1, object_store_mb: int = 
 
         temp_dir = temp_root()
         temp_dir.mkdir(parents=True, exist_ok=True)
+        node_env = _node_env()
         port = _free_port()
         address = f"{LOOPBACK}:{port}"
         common = ["--num-cpus", str(cpus), "--object-store-memory", str(object_store_mb * 1024 * 1024),
@@ -310,16 +331,20 @@ def cluster_up(nodes: int = 2, cpus_per_node: float = 1, object_store_mb: int = 
             "address": address, "port": port, "temp_dir": str(temp_dir), "started_at": time.time(),
             "cpus_per_node": cpus, "object_store_mb": object_store_mb,
             "dashboard": f"http://{LOOPBACK}:{dashboard_port}" if dashboard_port else None,
+            # What the nodes' processes see of job_env()'s variables: a stage whose job_env() matches
+            # joins without a runtime_env (`connect`).
+            "env": {key: value for key, value in node_env.items() if _job_env_key(key)},
             "nodes": [],
         }
         logs = temp_dir / "logs"
         logs.mkdir(exist_ok=True)
         try:
-            state["nodes"].append(_start_node(head_args, logs / f"head-{port}.log", "head node", timeout_s))
+            state["nodes"].append(_start_node(head_args, logs / f"head-{port}.log", "head node", timeout_s, node_env))
             _write_state(state)                          # from here on `down` can clean up
             for i in range(1, nodes):
                 state["nodes"].append(_start_node(["--address", address, *common],
-                                                  logs / f"worker{i}-{port}.log", f"worker node {i}", timeout_s))
+                                                  logs / f"worker{i}-{port}.log", f"worker node {i}", timeout_s,
+                                                  node_env))
                 _write_state(state)
         except BaseException:
             left = _terminate(state_processes(state), STOP_GRACE_S)
@@ -417,6 +442,23 @@ def ray_logging(verbose: bool) -> dict[str, Any]:
             "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
 
 
+_inherits_env = False   # set by connect: see workers_inherit_env
+
+
+def workers_inherit_env() -> bool:
+    """True when this process's `connect` started or joined the Ray it uses without a job
+    runtime_env: every Ray worker process of the job already has job_env() from its node.
+
+    Why it matters: Ray starts a fresh worker process (Python + `import ray`: seconds on a small
+    machine) for every task or actor that carries a runtime_env, while one without can take an
+    idle worker the node prestarted (as many as it has CPUs). So a job without a runtime_env,
+    whose Train controller and workers carry none either (ray_cluster.InheritEnvController),
+    skips those process starts (bench/bench_ray_overhead.py)."""
+    import ray
+
+    return _inherits_env and ray.is_initialized()
+
+
 def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, use_gpu: bool = False,
             object_store_mb: int = 256, include_dashboard: bool = False) -> tuple[bool, str]:
     """Join a Ray cluster, or start a local Ray: the one way the pipeline starts Ray.
@@ -425,7 +467,13 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, us
     costs well under a second, against seconds for starting Ray, so stages of one `dvc repro`
     share it); else a local Ray with `num_cpus` (default all cores). Returns (this call started
     Ray, so the caller shuts it down; a description of where it runs).
+
+    The job's processes need job_env(). A local Ray started here inherits it (its daemons and
+    workers are children of this process), and so do the nodes of a `cluster up` cluster whose
+    recorded environment matches; only on other clusters is it sent as the job's runtime_env,
+    which makes Ray start a fresh process for every task and actor (workers_inherit_env).
     """
+    global _inherits_env
     import ray
 
     from pipeline import console
@@ -433,21 +481,24 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, us
     environment.apply_defaults()
     for key, value in console.quiet_env().items():
         os.environ.setdefault(key, value)
+    _inherits_env = False
     if ray.is_initialized():
         return False, "the Ray instance this process already uses"
-    env = {key: os.environ[key] for key in {**environment.DEFAULTS, **console.quiet_env(), console.VERBOSE_ENV: ""}
-           if key in os.environ}
-    kwargs = {"runtime_env": {"env_vars": env}, **ray_logging(console.verbose())}
-    target, where = address or os.environ.get("RAY_ADDRESS") or None, ""
+    env = job_env()
+    target, where, inherits = address or os.environ.get("RAY_ADDRESS") or None, "", False
+    state = running_cluster()
     if target:
         where = f"Ray cluster {target}"
-    else:
-        state = running_cluster()
-        if state is not None:
-            target, where = state["address"], f"local Ray cluster {state['address']} (pipeline cluster up)"
+    elif state is not None:
+        target, where = state["address"], f"local Ray cluster {state['address']} (pipeline cluster up)"
+    if target and state is not None and target == state["address"]:
+        inherits = env.items() <= state.get("env", {}).items()
+    kwargs = {**({} if inherits or not target else {"runtime_env": {"env_vars": env}}),
+              **ray_logging(console.verbose())}
     try:
         if target:
             ray.init(address=target, **kwargs)
+            _inherits_env = inherits
             return True, f"joined {where}"
         cpus = num_cpus or os.cpu_count() or 1
         # address="local": always a new instance for this stage. Without it ray.init() joins any
@@ -455,6 +506,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, us
         # num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
         ray.init(address="local", num_cpus=cpus, num_gpus=None if use_gpu else 0, include_dashboard=include_dashboard,
                  dashboard_host=LOOPBACK, object_store_memory=object_store_mb * 1024 * 1024, **kwargs)
+        _inherits_env = True
         return True, f"local Ray ({cpus} CPUs, started for this stage)"
     except Exception as err:  # noqa: BLE001 - ray.init raises bare Exception for a node start timeout
         what = where or "a local Ray instance"

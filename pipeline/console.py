@@ -63,23 +63,25 @@ def set_verbose(on: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if on else "0"
 
 
+QUIET_ENV = {
+    "MLFLOW_LOGGING_LEVEL": "ERROR",                  # e.g. "Creating initial MLflow database tables"
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # "View run ... at: http://..."
+    "RAY_DATA_LOG_LEVEL": "ERROR",                    # "Progress bars disabled", execution plans
+    # Ray Train's own logging set-up on the controller and the workers puts their root logger at
+    # INFO, and some Train records ("Reporting training result N: TrainingReport(...)") come
+    # from a logger its level filter does not cover; without that set-up they follow the job's
+    # ray.LoggingConfig (errors only, pipeline.cluster.ray_logging). The controller and the
+    # workers inherit them from the node or get them through the job's runtime_env
+    # (pipeline.cluster.connect).
+    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+}
+
+
 def quiet_env() -> dict[str, str]:
     """Environment that keeps the libraries to errors unless verbose (each is the library's own
-    switch). Needed before the library is imported and in every Ray worker."""
-    if verbose():
-        return {}
-    return {
-        "MLFLOW_LOGGING_LEVEL": "ERROR",                  # e.g. "Creating initial MLflow database tables"
-        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # "View run ... at: http://..."
-        "RAY_DATA_LOG_LEVEL": "ERROR",                    # "Progress bars disabled", execution plans
-        # Ray Train's own logging set-up on the controller and the workers puts their root logger at
-        # INFO, and some Train records ("Reporting training result N: TrainingReport(...)") come
-        # from a logger its level filter does not cover; without that set-up they follow the job's
-        # ray.LoggingConfig (errors only, pipeline.cluster.ray_logging). Propagated by Ray Train
-        # from the driver to the controller and the workers.
-        "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
-        "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
-    }
+    switch, QUIET_ENV). Needed before the library is imported and in every Ray worker."""
+    return {} if verbose() else dict(QUIET_ENV)
 
 
 def setup(verbose_flag: Optional[bool] = None) -> None:

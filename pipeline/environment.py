@@ -4,8 +4,10 @@ Rule: a variable that is already set (by the user or a parent process) wins; the
 fills in what is missing. `apply_defaults` runs when `pipeline` is imported (the CLI, the DVC
 stage scripts, the tests, every Ray worker that loads pipeline code), before torch is; processes
 that do not import the package first get the table explicitly: the `ray start` nodes of
-`pipeline cluster` (`with_defaults`) and the workers of a job on a joined cluster (runtime_env,
-pipeline.cluster.connect). A leaf module: it imports nothing of the package.
+`pipeline cluster` (`with_defaults`), and the Ray workers of a stage inherit it from the node
+(a local Ray started by the stage, or a `cluster up` node started with the same values) or, on
+any other cluster, get it through the job's runtime_env (pipeline.cluster.connect). A leaf
+module: it imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ DEFAULTS = {
     # core_worker.cc log line about its constructor arguments); on-premise nodes are not preempted.
     # Set it to 1 on spot/preemptible cloud nodes.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train sets this on its controller actor (a runtime_env, so a fresh process); our controller
+    # runs without a runtime_env (pipeline.training.ray_cluster) and inherits it from here instead.
+    "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
     "DVC_NO_ANALYTICS": "1",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     # Spinning OpenMP workers stall whenever another process holds a core (measured: the same

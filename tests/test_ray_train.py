@@ -355,6 +355,34 @@ def test_stopped_run_continues_with_resume(workspace, baseline, hook_dir, tmp_pa
 
 
 @pytest.mark.slow
+def test_stage_with_its_own_ray_starts_train_without_runtime_envs(workspace, baseline, hook_dir, tmp_path):
+    """`pipeline train` starting its own local Ray (as under `dvc repro`) gives neither the job nor
+    the Train workers a runtime_env (so Ray can run them in the node's prestarted worker processes:
+    issue 14's fixed cost); the workers still have the package's settings (inherited from the node),
+    a killed worker is restarted and resumes, and the weights equal the baseline's, which Ray Train
+    launched its own way (runtime_envs, the test's ray.init)."""
+    name = unique("inherit")
+    params = write_params(workspace, tmp_path / "params.yaml")
+    out = tmp_path / "models" / FAMILY
+    killer = Killer(hook_dir, workspace / "ray_results" / name)
+    killer.start()
+    res = run_cli(["train", "--stage", FAMILY, "--params", str(params), "--data", str(workspace / "prepared"),
+                   "--out", str(out), "--run-name", name],
+                  {"PIPELINE_CLUSTER_STATE": str(tmp_path / "no-cluster.json")}, hook_dir=hook_dir)
+    killer.join(5)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert killer.error is None and killer.killed_pid is not None
+    assert started_from(hook_dir) == [0, 32]
+    for rank in (0, 1):
+        env = json.loads((hook_dir / f"rank{rank}.env.json").read_text())
+        assert env == {"runtime_env": {}, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                       "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                       "OMP_WAIT_POLICY": "PASSIVE",
+                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}, rank   # Ray's 1 per 0.5 CPU
+    assert_same_weights(out, Path(baseline["out_dir"]))
+
+
+@pytest.mark.slow
 def test_two_node_cluster_places_ranks_on_both_nodes(workspace, local_ray):
     import ray
     from ray.cluster_utils import Cluster

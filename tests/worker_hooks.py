@@ -2,8 +2,9 @@
 own reporter (`launch_training(..., wrap_reporter=reporter_wrapper(hook_dir))`), so production
 code holds no test branch.
 
-In `hook_dir`, on every attempt of every rank: rank<r>.pid (the worker's pid) and a line
-"<pid> <nimg resumed from>" appended to rank<r>.log. A rank that started from scratch waits after
+In `hook_dir`, on every attempt of every rank: rank<r>.pid (the worker's pid), a line
+"<pid> <nimg resumed from>" appended to rank<r>.log, and rank<r>.env.json (the worker's Ray
+runtime_env and the environment variables the package sets for Ray Train). A rank that started from scratch waits after
 its first checkpoint was reported until <hook_dir>/release exists (having written held-rank<r>),
 so a test can kill a worker process at a known point. When <hook_dir>/raise exists, every rank
 raises a RuntimeError (a bug, not a PipelineError) as training starts.
@@ -15,14 +16,19 @@ command with the wrapper installed, for tests that need the CLI in a process of 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
+import ray
 import ray.cloudpickle
 
 from pipeline.training.loop import Reporter
+
+ENV_KEYS = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING",
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
 
 
 class HookedReporter(Reporter):
@@ -33,6 +39,9 @@ class HookedReporter(Reporter):
 
     def on_start(self, job, resumed_nimg):
         (self.hook_dir / f"rank{self.rank}.pid").write_text(str(os.getpid()))
+        (self.hook_dir / f"rank{self.rank}.env.json").write_text(json.dumps({
+            "runtime_env": dict(ray.get_runtime_context().runtime_env),
+            **{k: os.environ.get(k) for k in ENV_KEYS}}))
         with open(self.hook_dir / f"rank{self.rank}.log", "a") as fh:
             fh.write(f"{os.getpid()} {resumed_nimg}\n")
         if (self.hook_dir / "raise").exists():

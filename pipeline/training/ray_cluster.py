@@ -1,6 +1,11 @@
 """The Ray cluster a training run uses: started or joined with the run's resources
 (pipeline.cluster.connect, the one ray.init), checked to hold the workers before any waiting,
-and, from inside the workers, which node each rank runs on."""
+from inside the workers, which node each rank runs on, and the Train controller that starts the
+workers without a runtime_env when the nodes already have the job's environment.
+
+This module is what the controller process imports of the package (InheritEnvController is
+pickled by reference): keep it light, no torch or engine import at module level.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import time
 from typing import Any
 
 import ray
+from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2._internal.execution.worker_group import WorkerGroup
 
 from pipeline.config import RayParams
 from pipeline.errors import ParamsError
@@ -47,3 +54,27 @@ def gather_node_ids(world: int) -> list[str]:
     nodes: list[Any] = [None] * world
     dist.all_gather_object(nodes, node)
     return [str(n) for n in nodes]
+
+
+class InheritEnvWorkerGroup(WorkerGroup):
+    """Ray Train's worker group, minus the environment variables Ray Train copies from the
+    controller's environment into every worker's runtime_env (constants.get_env_vars_to_propagate).
+
+    Used only when the job has no runtime_env (pipeline.cluster.workers_inherit_env): the controller
+    then runs with the node's environment, which is where it would copy them from, and the workers
+    start on the same kind of node with the same environment, so the copy changes no variable. But
+    any runtime_env, even one that repeats the node's values, makes Ray start a fresh worker
+    process instead of taking one the node prestarted (Python + `import ray`: seconds here).
+    RunConfig.worker_runtime_env, when a caller sets one, is still applied.
+    """
+
+    @staticmethod
+    def _get_worker_runtime_env(custom_runtime_env):
+        return dict(custom_runtime_env or {})
+
+
+class InheritEnvController(TrainController):
+    """Ray Train's controller with InheritEnvWorkerGroup (see there); started without a runtime_env
+    by pipeline.training.ray_train.PipelineTorchTrainer when workers_inherit_env()."""
+
+    worker_group_cls = InheritEnvWorkerGroup

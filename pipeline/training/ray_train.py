@@ -40,6 +40,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -54,13 +55,14 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from pipeline import console
+from pipeline.cluster import workers_inherit_env
 from pipeline.config import RayParams
 from pipeline.errors import PipelineError, TrainingError
 from pipeline.fsutil import ensure_writable_parent
 from pipeline.training.delivery import deliver
 from pipeline.training.failures import failure_message
 from pipeline.training.loop import Reporter, Trainer, TrainJob
-from pipeline.training.ray_cluster import check_resources, connect_for, gather_node_ids
+from pipeline.training.ray_cluster import InheritEnvController, check_resources, connect_for, gather_node_ids
 from pipeline.training.ray_progress import ProgressWatch
 from pipeline.training.ray_reporter import RayReporter
 from pipeline.training.run_folders import choose_run_name, storage_uri
@@ -123,7 +125,10 @@ def _worker_loop(config: dict) -> None:
 
 
 class PipelineTorchTrainer(TorchTrainer):
-    """TorchTrainer without Ray Train's PlacementGroupCleaner, a detached actor each fit() starts to
+    """TorchTrainer without Ray Train's PlacementGroupCleaner and, when the nodes already have the
+    job's environment, without runtime_envs on the controller and the workers.
+
+    PlacementGroupCleaner: a detached actor each fit() starts to
     remove the run's placement group should the Train controller die while the driver lives on.
 
     Why leave it out: it is one more Python process per fit() (seconds of start-up on a small
@@ -134,9 +139,31 @@ class PipelineTorchTrainer(TorchTrainer):
     If Ray renames the callback this filter keeps it (and only the cost comes back).
     """
 
+    inherit_env = False   # launch_training sets it from pipeline.cluster.workers_inherit_env()
+
     def _create_default_callbacks(self):
         return [cb for cb in super()._create_default_callbacks()
                 if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        """Ray 2.60's own method (data_parallel_trainer.py), minus the controller's runtime_env
+        (Ray Train's env vars copied from the driver, and RAY_WARN_BLOCKING_GET_INSIDE_ASYNC=0,
+        which pipeline/environment.py sets everywhere) and with InheritEnvController, whose workers
+        carry no runtime_env either. Why: with none, Ray runs the controller and the workers in
+        worker processes the node prestarted instead of starting fresh ones (ray_cluster.py).
+        Only when the job itself has no runtime_env and every node has its environment
+        (pipeline.cluster.workers_inherit_env); otherwise Ray Train's own method runs."""
+        if not self.inherit_env:
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+        controller_cls = ray.remote(
+            num_cpus=0,
+            label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+        )(InheritEnvController)
+        controller = controller_cls.remote(**controller_init_kwargs)
+        if threading.current_thread() is threading.main_thread():
+            self._register_sigint_handler(controller)
+        ray.get(controller.run.remote())
+        return ray.get(controller.get_result.remote())
 
 
 def launch_training(job: TrainJob, rp: RayParams, resume: bool, run_name: str | None,
@@ -183,6 +210,7 @@ def launch_training(job: TrainJob, rp: RayParams, resume: bool, run_name: str | 
                                  checkpoint_config=CheckpointConfig(num_to_keep=rp.checkpoints_to_keep),
                                  logging_config=LoggingConfig(log_level="INFO" if console.verbose() else "ERROR")),
         )
+        trainer.inherit_env = workers_inherit_env()
         label = f"train {family}"
         with console.progress(label, total=common.kimg, unit="kimg", precision=2) as bar:
             bar.update(note=f"starting {rp.num_workers} Ray Train worker(s)")
