@@ -1,7 +1,8 @@
 """The Ray cluster a training run uses: started or joined with the run's resources
 (pipeline.cluster.connect, the one ray.init), checked to hold the workers before any waiting,
 from inside the workers, which node each rank runs on, and the Train controller that starts the
-workers without a runtime_env when the nodes already have the job's environment.
+workers without a runtime_env when the nodes already have the job's environment, and the parts of
+Ray Train's start-up a fixed local cluster without datasets does without (each one more process).
 
 This module is what the controller process imports of the package (InheritEnvController is
 pickled by reference): keep it light, no torch or engine import at module level.
@@ -13,7 +14,9 @@ import time
 from typing import Any
 
 import ray
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 from ray.train.v2._internal.execution.worker_group import WorkerGroup
 
 from pipeline.config import RayParams
@@ -78,3 +81,32 @@ class InheritEnvController(TrainController):
     by pipeline.training.ray_train.PipelineTorchTrainer when workers_inherit_env()."""
 
     worker_group_cls = InheritEnvWorkerGroup
+
+
+class FixedClusterScalingPolicy(FixedScalingPolicy):
+    """Ray Train's fixed scaling policy without its resource requests to the autoscaling
+    coordinator, for a cluster no autoscaler grows (a local Ray, a `cluster up` cluster: the
+    workers_inherit_env() path). The requests only tell an autoscaler what to add; the first one
+    blocks the controller until the coordinator, a detached actor, has a process of its own that
+    has imported Ray Data (seconds on a small machine), and that process is one of the idle ones
+    the node prestarted, which the Train worker then cannot have."""
+
+    def after_controller_start(self, train_run_context):
+        pass
+
+    def _maybe_send_resource_request(self):
+        pass
+
+    def _send_resource_request(self):
+        pass
+
+
+class NoDatasetsCallback(WorkerGroupCallback):
+    """Stands in for Ray Train's DatasetsCallback when the trainer gets no Ray Datasets (ours reads
+    its Parquet shard itself): that callback starts a DatasetManager actor per worker group (one
+    more process, which imports Ray Data) and copies the DataContext to the workers, for
+    `ray.train.get_dataset_shard`, which our workers never call. The TrainContext still needs a
+    dataset_shard_provider argument: None."""
+
+    def before_init_train_context(self, workers):
+        return {"dataset_shard_provider": [None] * len(workers)}
