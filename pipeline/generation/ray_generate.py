@@ -1,7 +1,8 @@
 """The generation stage on Ray Data (the only `ray.data` import of the generation package).
 
-    range(n)  --plan (task)-->  index, label, seed, normal PNG  --GenerateActor (actor pool)-->
-    image/mask/region PNGs  --driver, in index order-->  quality filter -> SyntheticWriter
+    plan (driver)  index, label, seed, normal index  --GenerateActor (actor pool; takes the
+    normal PNG from the pool it holds)-->  image/mask/region PNGs  --driver, in index order-->
+    quality filter -> SyntheticWriter
 
 The plan for sample `index` is a pure function of (generate.seed, index): its class, its
 normal image (the normal pool is cycled: index mod pool size) and its seed
@@ -19,11 +20,19 @@ cyclegan, pix2pix, unconditional dcgan/progan) make `per_class` images of one cl
 when complete (`fsutil.atomic_dir`); an existing `out_dir` is replaced only when it is a
 previous output of this stage (manifest.json of kind `synthetic-defect-dataset`).
 
+Start-up (issue 14): the plan is a few integers per sample, made by the driver and handed to
+Ray Data as Arrow blocks (`ray.data.from_blocks`), so the first batch waits only for the actors
+(a process each that imports torch and loads the generator), not also for plan tasks, each a
+process that would import this module, torch included, to slice the normal pool. Each actor
+gets the normal pool once (an object reference).
+
 Resources: `pipeline.cluster.connect`: `address`, RAY_ADDRESS, a running `pipeline cluster up`
 cluster, else a local Ray on all cores. Actors take a fractional CPU
-(`generate.cpus_per_actor`, 0.5 by default): a full CPU per actor on a 2-CPU machine leaves
-none for the plan tasks and the pipeline deadlocks silently. With `use_gpu` the actors share
-the cluster's GPUs (at most one each).
+(`generate.cpus_per_actor`, 0.5 by default), and the actors may ask for all but PLAN_CPUS of the
+cluster's CPUs: the limit from when plan tasks needed that CPU (a full CPU per actor on a 2-CPU
+machine left none for them and the pipeline deadlocked silently), kept so that the same
+params are accepted as before. With `use_gpu` the actors share the cluster's GPUs (at most one
+each).
 
 Console: one progress display (pipeline.console.progress), images kept out of the number asked
 for; Ray Data's own progress bars and logs stay off unless verbose.
@@ -59,7 +68,7 @@ from pipeline.models.base import DataSpec
 from pipeline.tracking import file_sha256
 from pipeline.training.loop import EXPORT_FILE, load_trained, read_spec
 
-PLAN_CPUS = 0.25            # per plan task: cheap (slices the normal pool)
+PLAN_CPUS = 0.25            # CPUs the actors must leave free (module docstring, Resources)
 MIN_KEEP_RATE = 0.05        # later rounds ask for deficit / keep rate, at most 1 / this
 
 
@@ -115,30 +124,28 @@ def output_classes(class_conditional: bool, data_classes: tuple[str, ...]) -> li
 
 # ---- Ray Data stages -------------------------------------------------------------------------
 
-def plan_batch(batch: dict[str, np.ndarray], *, start: int, bounds: np.ndarray, synth: np.ndarray,
-               out_idx: np.ndarray, seed: int, pool) -> dict[str, np.ndarray]:
-    """Positions in the round -> what to generate. `bounds` are cumulative counts per class."""
-    pool = ray.get(pool) if isinstance(pool, ray.ObjectRef) else pool
-    pos = np.asarray(batch["id"], np.int64)
+def plan_rows(n: int, *, start: int, bounds: np.ndarray, synth: np.ndarray, out_idx: np.ndarray,
+              seed: int, pool_size: int) -> dict[str, np.ndarray]:
+    """Positions 0..n-1 of the round -> what to generate. `bounds` are cumulative counts per class."""
+    pos = np.arange(n, dtype=np.int64)
     k = np.searchsorted(bounds, pos, side="right")          # class slot of each position
     index = start + pos
-    normal_index = index % len(pool)
-    normal_png = np.empty(len(pos), dtype=object)
-    normal_png[:] = pool.take(pa.array(normal_index)).to_pylist()
     return {"index": index, "label_idx": out_idx[k], "synth_label": synth[k],
-            "seed": sample_seeds(seed, index), "normal_index": normal_index, "normal_png": normal_png}
+            "seed": sample_seeds(seed, index), "normal_index": index % pool_size}
 
 
 class GenerateActor:
-    """Loads the trained EMA generator once per actor; maps plan batches to generated PNGs."""
+    """Loads the trained EMA generator once per actor; maps plan batches to generated PNGs, each
+    on the normal image `normal_index` of the pool (PNG bytes, fetched once per actor)."""
 
-    def __init__(self, model_dir: str, placement: Placement, device: str = "cpu", threads: int = 1):
+    def __init__(self, model_dir: str, placement: Placement, pool, device: str = "cpu", threads: int = 1):
         torch.set_num_threads(threads)
+        self.pool = ray.get(pool) if isinstance(pool, ray.ObjectRef) else pool
         self.sampler = Sampler(load_trained(Path(model_dir), device), placement, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.sampler.generate_png(list(batch["normal_png"]), batch["synth_label"],
-                                        batch["seed"], batch["index"])
+        normal_png = self.pool.take(pa.array(batch["normal_index"])).to_pylist()
+        out = self.sampler.generate_png(normal_png, batch["synth_label"], batch["seed"], batch["index"])
         return {"index": batch["index"], "label_idx": batch["label_idx"], "seed": batch["seed"],
                 "normal_index": batch["normal_index"], **out}
 
@@ -172,7 +179,7 @@ def _actor_resources(params: GenerateParams, use_gpu: bool) -> tuple[dict, str]:
     return args, "cuda"
 
 
-def generate_stream(params: GenerateParams, model_dir: Path, placement: Placement, pool_ref,
+def generate_stream(params: GenerateParams, model_dir: Path, placement: Placement, pool_ref, pool_size: int,
                     requests: list[tuple[OutClass, int]], start: int,
                     use_gpu: bool):
     """Yield numpy batches (in index order) of one round: `requests` samples per class from `start`."""
@@ -181,10 +188,13 @@ def generate_stream(params: GenerateParams, model_dir: Path, placement: Placemen
     synth = np.array([oc.synth for oc, _ in requests], np.int64)
     out_idx = np.array([oc.label_idx for oc, _ in requests], np.int64)
     actor_args, device = _actor_resources(params, use_gpu)
-    ds = ray.data.range(n, override_num_blocks=_num_blocks(n, params.ray_batch_size, params.num_actors))
-    ds = ds.map_batches(plan_batch, batch_format="numpy", num_cpus=PLAN_CPUS,
-                        fn_kwargs=dict(start=start, bounds=bounds, synth=synth, out_idx=out_idx,
-                                       seed=params.seed, pool=pool_ref))
+    plan = pa.table(plan_rows(n, start=start, bounds=bounds, synth=synth, out_idx=out_idx, seed=params.seed,
+                              pool_size=pool_size))
+    splits = np.array_split(np.arange(n), _num_blocks(n, params.ray_batch_size, params.num_actors))
+    # from_blocks, not from_arrow: from_arrow runs a Ray task per block for its metadata, and a
+    # worker process that ran a task is not given to an actor, so one of the node's prestarted
+    # workers would be lost to the actor pool. from_blocks reads the metadata here.
+    ds = ray.data.from_blocks([plan.slice(int(rows[0]), len(rows)) for rows in splits if len(rows)])
     # Ray Data passes an actor's context and UDF by object reference, so Ray core warns (at error
     # level, one line per actor) that a restart could not rebuild it. max_restarts=0: a dead actor
     # fails the stage instead (every sample has its own seed: a rerun gives the same images). Ray
@@ -194,7 +204,7 @@ def generate_stream(params: GenerateParams, model_dir: Path, placement: Placemen
         ds = ds.map_batches(GenerateActor, batch_format="numpy", batch_size=params.ray_batch_size,
                             compute=ray.data.ActorPoolStrategy(size=params.num_actors),
                             fn_constructor_kwargs=dict(model_dir=str(Path(model_dir).absolute()),
-                                                       placement=placement, device=device,
+                                                       placement=placement, pool=pool_ref, device=device,
                                                        threads=max(1, int(params.cpus_per_actor))),
                             max_restarts=0, **actor_args)
     ds.context.execution_options.preserve_order = True   # deterministic keep/drop and row order
@@ -345,7 +355,7 @@ def run_generate(params: GenerateParams, model_name: str, model_dir: Path, prepa
                 n = sum(c for _, c in requests)
                 done_before = sum(select.seen.values())
                 with _pipeline_errors():
-                    for batch in generate_stream(params, model_dir, placement, pool_ref, requests,
+                    for batch in generate_stream(params, model_dir, placement, pool_ref, len(pool), requests,
                                                  next_index, use_gpu):
                         if first_batch_s is None:
                             first_batch_s = time.perf_counter() - t0
