@@ -11,6 +11,9 @@ Per set-up and stage:
             reported with its parts: connect (ray.init), the rest of fit();
   generate  fixed overhead = connect + time until the first generated batch reaches the driver
             (actor processes start and load the generator), against the whole stage's wall time.
+To compare two versions on a shared machine, alternate runs of each (A B A B) with
+PYTHONPATH=<a checkout of the other version>: the stages (and a local Ray's workers) import the
+pipeline from there; the header names the commit measured and the load average.
 Target of issue 14: <= 5 s per stage. Everything (data, MLflow store, Ray storage, cluster state)
 lives in a temporary folder; the cluster is stopped at the end.
 """
@@ -66,6 +69,16 @@ def child(args) -> None:
     print(json.dumps(out))
 
 
+def _code_version(package) -> str:
+    """The commit of the checkout `package` is imported from (PYTHONPATH picks another tree), + if edited."""
+    where = Path(package.__file__).resolve().parent.parent
+    git = ["git", "-C", str(where)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "pipeline"],
+                           capture_output=True, text=True).stdout.strip()
+    return f"{commit or '?'}{'+edits' if dirty else ''} ({where})"
+
+
 def run_child(root: Path, env: dict, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--root", str(root), *extra]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -89,7 +102,7 @@ def main() -> None:
         child(args)
         return
 
-    import pipeline  # noqa: F401  (environment defaults)
+    import pipeline  # (environment defaults)
     import ray
     import torch
 
@@ -98,6 +111,7 @@ def main() -> None:
     from pipeline.data.prepare import run_prepare
     from pipeline.training.loop import TrainJob, train
 
+    load_start = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     run_prepare(from_dict(PrepareParams, {"resolution": 16, "synthetic": {
@@ -163,7 +177,8 @@ def main() -> None:
     ]
     print(f"\nRay fixed cost per stage, tiny CycleGAN 16 px, {args.kimg} kimg, batch {args.batch}, 1 worker; "
           f"{os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}; median of {args.repeats}; "
-          f"`pipeline cluster up` itself took {cluster_up_s:.1f} s (once per session)")
+          f"`pipeline cluster up` itself took {cluster_up_s:.1f} s (once per session); code {_code_version(pipeline)}; "
+          f"1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     width = max(len(r[0]) for r in rows)
     print(f"| {'measure'.ljust(width)} | local Ray per stage | joined `pipeline cluster up` head |")
     print(f"|{'-' * (width + 2)}|---|---|")
