@@ -144,24 +144,6 @@ def test_g_loss_terms_on_hand_set_masks(tiny_spec):
     assert all(isinstance(v, float) for v in stats.values())
 
 
-def test_cls_fake_margin_reaches_g_loss(tiny_spec):
-    # The same G, D and batch: with margin 0 G/cls is D's plain cross-entropy on the fakes; a margin
-    # above every sample's cross-entropy leaves no classification loss, a margin between them less.
-    batch = unpaired_batch(tiny_spec)
-
-    def g_cls(margin):
-        torch.manual_seed(0)
-        fam = DefectGAN(tiny_cfg(cls_fake_margin=margin), tiny_spec)
-        fam.G = HandSetG()
-        torch.manual_seed(1)
-        return fam.g_loss(batch, fam.forward_g(batch))[1]["G/cls"]
-
-    plain = g_cls(0.0)
-    assert plain > 0
-    assert g_cls(100.0) == 0.0
-    assert 0 < g_cls(plain / 2) < plain
-
-
 def test_d_loss_terms(tiny_spec):
     from pipeline.models import losses
     torch.manual_seed(0)
@@ -371,8 +353,6 @@ def test_sample_rows_and_training_rng_untouched(tiny_spec):
 def test_config_validation_and_resolution_check():
     with pytest.raises(ParamsError, match="train.defectgan.lambda_rec"):
         from_dict(Config, {"lambda_rec": -1}, "train.defectgan")
-    with pytest.raises(ParamsError, match="train.defectgan.cls_fake_margin"):
-        from_dict(Config, {"cls_fake_margin": -0.1}, "train.defectgan")
     with pytest.raises(ParamsError, match="Did you mean 'train.defectgan.n_critic'"):
         from_dict(Config, {"n_critics": 5}, "train.defectgan")
     with pytest.raises(PipelineError, match="n_down"):

@@ -103,19 +103,3 @@ def test_drift_l1_and_classification():
     assert losses.drift_penalty(torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(14 / 3)
     assert losses.l1(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 1.0])).item() == pytest.approx(1.5)
     assert losses.classification(torch.zeros(3, 4), torch.tensor([0, 1, 3])).item() == pytest.approx(math.log(4))
-
-
-def test_classification_margin_stops_at_the_confidence_it_names():
-    # Two classes. Sample 0: logits (ln 9, 0) -> p(label 0) = 0.9, CE = ln(10/9) = 0.105 < margin;
-    # sample 1: logits (0, 0) -> p = 0.5, CE = ln 2 = 0.693 > margin. margin = -ln 0.7 = 0.357.
-    margin = -math.log(0.7)
-    logits = torch.tensor([[math.log(9.0), 0.0], [0.0, 0.0]], requires_grad=True)
-    labels = torch.tensor([0, 0])
-    loss = losses.classification(logits, labels, margin=margin)
-    assert loss.item() == pytest.approx((math.log(2) - margin) / 2)
-    loss.backward()
-    assert torch.all(logits.grad[0] == 0)           # confident enough: no push further
-    assert logits.grad[1].abs().sum() > 0
-    # margin 0 is the plain cross-entropy
-    plain = losses.classification(logits.detach(), labels)
-    assert plain.item() == pytest.approx((math.log(10 / 9) + math.log(2)) / 2)

@@ -119,12 +119,6 @@ class Config:
     # the sparsity term then drives the sigmoid into saturation before D's classifier has learned
     # the classes; a negative bias starts from small masks with a live gradient.
     mask_bias: float = 0.0
-    # Margin (nats) of G's classification loss on its fakes (losses.classification): a fake the
-    # classifier already reads as its target with probability >= exp(-margin) is not pushed
-    # further. 0 (paper): plain cross-entropy, whose optimum is a fake the classifier is certain
-    # of; on elpv (no masks) G reaches it by drawing one ever darker mark that D's classifier keys
-    # on (bench/results/defectgan_ablation.md, session 4). 0.36 = stop at p 0.7.
-    cls_fake_margin: float = 0.0
 
     def validate(self, where: str) -> None:
         require(self.d_arch in D_ARCHS, f"{where}.d_arch", f"must be one of {', '.join(D_ARCHS)}, got {self.d_arch!r}.")
@@ -142,7 +136,7 @@ class Config:
                 f"{self.region_min}, {self.region_max}.")
         require(self.mask_sup_loss in MASK_SUP_LOSSES, f"{where}.mask_sup_loss",
                 f"must be one of {', '.join(MASK_SUP_LOSSES)}, got {self.mask_sup_loss!r}.")
-        for name in ("lambda_region", "lambda_mask_sup", "lambda_defect_rec", "d_warmup_kimg", "cls_fake_margin"):
+        for name in ("lambda_region", "lambda_mask_sup", "lambda_defect_rec", "d_warmup_kimg"):
             require(getattr(self, name) >= 0, f"{where}.{name}", "must be 0 or positive.")
 
 
@@ -449,8 +443,7 @@ class DefectGAN(GANFamily):
         region, c = fakes.get("region"), self.cfg
         fake_src, fake_cls = self.D(torch.cat([d, r]))
         adv = losses.g_adversarial("wgan-gp", fake_src)
-        cls = losses.classification(fake_cls, torch.cat([target, self._normal_labels(r.shape[0], r.device)]),
-                                    margin=c.cls_fake_margin)
+        cls = losses.classification(fake_cls, torch.cat([target, self._normal_labels(r.shape[0], r.device)]))
         # Cycles: restore the defaced normals; deface the restored defects back to their class.
         b_region = self._restore_region(batch)
         n_hat, m_nh, b_hat, m_bh = self._translate_two(d, self._normal_labels(d.shape[0], d.device), r, label_b,

@@ -93,14 +93,6 @@ def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).abs().mean()
 
 
-def classification(logits: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """Auxiliary-classifier loss (AC-GAN, StarGAN, Defect-GAN): cross-entropy over domains.
-
-    margin > 0 (nats): the mean of max(CE - margin, 0) per sample, so a sample the classifier
-    already assigns to its label with probability >= exp(-margin) adds neither loss nor gradient.
-    For a generator's fakes this asks "be read as the class", not "be read as the class ever more
-    surely", which is what pushes a generator to exaggerate whatever feature the classifier keys on.
-    """
-    if margin <= 0:
-        return F.cross_entropy(logits.float(), labels)
-    return (F.cross_entropy(logits.float(), labels, reduction="none") - margin).clamp_min(0).mean()
+def classification(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Auxiliary-classifier loss (AC-GAN, StarGAN, Defect-GAN): cross-entropy over domains."""
+    return F.cross_entropy(logits.float(), labels)
