@@ -16,7 +16,7 @@ Rows (all at --batch-size, which is the stage's generate.ray_batch_size):
   per-sample loop        the pre-issue-16 way: torch.manual_seed(sample seed) + synthesize on a
                          batch of 1, per sample (run on n / 20 samples), for comparison.
   stage, k actors        run_generate on local Ray (2 CPUs, already started), each actor one torch
-                         thread: plan tasks, actor pool, ordered stream, quality filter (off here),
+                         thread: the driver's plan, actor pool, ordered stream, quality filter (off here),
                          ImageFolder + parquet writes, manifest and preview. Steady state: the
                          driver notes when each ordered batch arrives; img/s between the batches
                          that cross 10 % and 90 % of the images, so actor start-up, model loading

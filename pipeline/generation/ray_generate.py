@@ -28,10 +28,11 @@ gets the normal pool once (an object reference).
 
 Resources: `pipeline.cluster.connect`: `address`, RAY_ADDRESS, a running `pipeline cluster up`
 cluster, else a local Ray on all cores. Actors take a fractional CPU
-(`generate.cpus_per_actor`, 0.5 by default), and the actors may ask for all but PLAN_CPUS of the
-cluster's CPUs: the limit from when plan tasks needed that CPU (a full CPU per actor on a 2-CPU
-machine left none for them and the pipeline deadlocked silently), kept so that the same
-params are accepted as before. With `use_gpu` the actors share the cluster's GPUs (at most one
+(`generate.cpus_per_actor`, 0.5 by default), and the actors may ask for all but HEADROOM_CPUS of
+the cluster's CPUs. The limit dates from when plan tasks needed that CPU (a full CPU per actor on
+a 2-CPU machine left none for them and the pipeline deadlocked silently); it is kept so that the
+same params are accepted as before, and it leaves the driver, which decodes the stream, filters
+and writes, a share of the machine. With `use_gpu` the actors share the cluster's GPUs (at most one
 each).
 
 Console: one progress display (pipeline.console.progress), images kept out of the number asked
@@ -68,7 +69,7 @@ from pipeline.models.base import DataSpec
 from pipeline.tracking import file_sha256
 from pipeline.training.loop import EXPORT_FILE, load_trained, read_spec
 
-PLAN_CPUS = 0.25            # CPUs the actors must leave free (module docstring, Resources)
+HEADROOM_CPUS = 0.25        # CPUs the actors must leave free (module docstring, Resources)
 MIN_KEEP_RATE = 0.05        # later rounds ask for deficit / keep rate, at most 1 / this
 
 
@@ -164,10 +165,10 @@ def _actor_resources(params: GenerateParams, use_gpu: bool) -> tuple[dict, str]:
     resources = ray.cluster_resources()
     cpus = float(resources.get("CPU", 0))
     need = params.num_actors * params.cpus_per_actor
-    if need + PLAN_CPUS > cpus:
+    if need + HEADROOM_CPUS > cpus:
         raise ParamsError(f"params keys 'generate.num_actors' x 'generate.cpus_per_actor' ask for "
-                          f"{need:g} CPUs, but the Ray cluster has {cpus:g}; at least {PLAN_CPUS} must stay "
-                          "free for reading. Use fewer actors or a fractional cpus_per_actor.")
+                          f"{need:g} CPUs, but the Ray cluster has {cpus:g}; at least {HEADROOM_CPUS} must stay "
+                          "free for the driver. Use fewer actors or a fractional cpus_per_actor.")
     args = {"num_cpus": params.cpus_per_actor}
     if not use_gpu:
         return args, "cpu"
