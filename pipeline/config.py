@@ -282,6 +282,26 @@ class AugmentParams:
 
 
 @dataclass
+class PseudoMaskParams:
+    """Masks for defect images whose source has none (beyond the paper; pipeline/data/pseudo_masks.py).
+    "none" (the paper: no masks) leaves them unknown; "normal_reference" marks where an image
+    departs from its nearest training normals by more than the `quantile` of normal pixels do."""
+
+    method: Literal["none", "normal_reference"] = "none"
+    neighbours: int = 5
+    quantile: float = 0.995
+    min_area: float = 0.002       # smaller masks are speckle: the image stays unknown (8 px at 64 px)
+
+    def validate(self, where: str) -> None:
+        require(isinstance(self.neighbours, int) and self.neighbours >= 1, f"{where}.neighbours",
+                f"must be a whole number >= 1, got {self.neighbours!r}.")
+        require(0.5 <= self.quantile < 1, f"{where}.quantile",
+                f"is the share of normal pixels below the threshold, in [0.5, 1), got {self.quantile!r}.")
+        require(0 <= self.min_area < 1, f"{where}.min_area",
+                f"is a share of the image in [0, 1), got {self.min_area!r}.")
+
+
+@dataclass
 class PrepareParams:
     source: Literal["synthetic", "folder", "mvtec", "cyclegan", "paired", "elpv"] = "synthetic"
     seed: int = 0
@@ -298,6 +318,7 @@ class PrepareParams:
     paired: PairedSourceParams = field(default_factory=PairedSourceParams)
     elpv: ElpvSourceParams = field(default_factory=ElpvSourceParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
+    pseudo_masks: PseudoMaskParams = field(default_factory=PseudoMaskParams)
 
     def validate(self, where: str) -> None:
         positive(self, where, "resolution")

@@ -148,6 +148,39 @@ def run_prepare(params, out_dir: Path, *, quiet: bool = False) -> dict:
     return {**stats, "elapsed_s": elapsed, "out_dir": str(out_dir)}
 
 
+def _add_pseudo_masks(image_rows: list[dict], params) -> dict | None:
+    """Give defect rows without a mask a pseudo-mask (`prepare.pseudo_masks`), in place.
+
+    The references are the training split's normal images. Returns what stats.json records, or
+    None when the method is "none" or no row lacks a mask."""
+    targets = [r for r in image_rows if r["label"] != NORMAL and not r["has_mask"]]
+    if params.method == "none" or not targets:
+        return None
+    import numpy as np
+
+    from pipeline.data.images import decode_png
+    from pipeline.data.pseudo_masks import normal_reference_masks
+
+    normals = [r for r in image_rows if r["label"] == NORMAL and r["split"] == "train"]
+    if len(normals) <= params.neighbours:
+        raise DataError(f"prepare.pseudo_masks.method is '{params.method}' but the training split has "
+                        f"{len(normals)} normal image(s), and it needs more than prepare.pseudo_masks.neighbours "
+                        f"({params.neighbours}). Add normal images or set prepare.pseudo_masks.method: none.")
+    found = normal_reference_masks(np.stack([decode_png(r["image_png"]) for r in targets]),
+                                   np.stack([decode_png(r["image_png"]) for r in normals]),
+                                   params.neighbours, params.quantile, params.min_area)
+    masked = 0
+    for row, mask in zip(targets, found.masks):
+        if mask.any():
+            row["mask_png"], row["has_mask"] = encode_mask_png(mask), True
+            masked += 1
+    areas = [float(m.mean()) for m in found.masks if m.any()]
+    return {"method": params.method, "neighbours": params.neighbours, "quantile": params.quantile,
+            "min_area": params.min_area,
+            "threshold": round(found.threshold, 6), "masked": masked, "empty": len(targets) - masked,
+            "mean_area": round(float(np.mean(areas)), 6) if areas else 0.0}
+
+
 def _prepare_into(p, tmp: Path) -> dict:
     col: Collected = collect(p)
     ctx = Ctx(resolution=p.resolution, channels=p.channels, resize=p.resize, mask_threshold=p.mask_threshold)
@@ -272,6 +305,7 @@ def _prepare_into(p, tmp: Path) -> dict:
     # Unpaired pools: defect images, and normal images whose source has no defect image.
     for r in image_rows:
         r["unpaired_pool"] = r["label"] != NORMAL or strata[uf.find(r["source_id"])] == NORMAL
+    pseudo = _add_pseudo_masks(image_rows, p.pseudo_masks)
     order = {s: i for i, s in enumerate(SPLITS)}
     image_rows.sort(key=lambda r: (order[r["split"]], r["label_idx"], r["id"]))
     pair_rows.sort(key=lambda r: (order[r["split"]], r["label_idx"], r["id"]))
@@ -293,6 +327,10 @@ def _prepare_into(p, tmp: Path) -> dict:
     if excluded:
         notes.append(f"{excluded} normal image(s) share a source with a defect image and are left out of the "
                      "unpaired normal pool (unpaired_pool false)")
+    if pseudo:
+        notes.append(f"{pseudo['masked']} defect image(s) without a mask got a pseudo-mask "
+                     f"(prepare.pseudo_masks.method {pseudo['method']}); {pseudo['empty']} came out empty "
+                     "and stay unknown (has_mask false)")
     if skipped:
         notes.append(f"{len(skipped)} file(s) skipped (prepare.strict is false); see 'skipped'")
     images_stats = _counts(image_rows, classes)
@@ -308,6 +346,7 @@ def _prepare_into(p, tmp: Path) -> dict:
         "classes": classes,
         "images": images_stats,
         "paired": _counts(pair_rows, classes),
+        "pseudo_masks": pseudo,
         "skipped_count": len(skipped),
         "skipped": skipped,
         "notes": notes,
