@@ -445,6 +445,36 @@ def ray_logging(verbose: bool) -> dict[str, Any]:
 _inherits_env = False   # set by connect: see workers_inherit_env
 
 
+@contextlib.contextmanager
+def _without_api_server(skip: bool) -> Iterator[None]:
+    """While active (and `skip`), a local Ray started by ray.init() runs no API server process.
+
+    Ray 2.60 starts its API server ("dashboard" process) on a head node even with
+    include_dashboard=False, then with only its usage-stats module (off here, RAY_USAGE_STATS_ENABLED=0),
+    and ray.init waits until that process has imported its web stack and published its address:
+    about 0.8 s of every stage's start on 2 cores (bench/bench_ray_overhead.py). Nothing a
+    stage's own Ray runs needs it: it serves the dashboard, job submission and the State API
+    (`ray.util.state`), which the pipeline does not use (ray_train.PipelineTorchTrainer drops the
+    one Ray Train part that asks it). `pipeline cluster up` starts its nodes with `ray start` and
+    keeps its dashboard (--dashboard-port). If Ray renames the method, nothing is replaced (only
+    the cost comes back)."""
+    from ray._private import node
+
+    original = node.Node.__dict__.get("start_api_server")
+    if not skip or original is None:
+        yield
+        return
+
+    def start_api_server(self, *, include_dashboard, raise_on_failure):
+        return None
+
+    node.Node.start_api_server = start_api_server
+    try:
+        yield
+    finally:
+        node.Node.start_api_server = original
+
+
 def workers_inherit_env() -> bool:
     """True when this process's `connect` started or joined the Ray it uses without a job
     runtime_env: every Ray worker process of the job already has job_env() from its node.
@@ -504,8 +534,10 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, us
         # address="local": always a new instance for this stage. Without it ray.init() joins any
         # Ray a test or another user left running on this machine (/tmp/ray), and then refuses
         # num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
-        ray.init(address="local", num_cpus=cpus, num_gpus=None if use_gpu else 0, include_dashboard=include_dashboard,
-                 dashboard_host=LOOPBACK, object_store_memory=object_store_mb * 1024 * 1024, **kwargs)
+        with _without_api_server(not include_dashboard):
+            ray.init(address="local", num_cpus=cpus, num_gpus=None if use_gpu else 0,
+                     include_dashboard=include_dashboard, dashboard_host=LOOPBACK,
+                     object_store_memory=object_store_mb * 1024 * 1024, **kwargs)
         _inherits_env = True
         return True, f"local Ray ({cpus} CPUs, started for this stage)"
     except Exception as err:  # noqa: BLE001 - ray.init raises bare Exception for a node start timeout
