@@ -11,9 +11,11 @@ pickled by reference): keep it light, no torch or engine import at module level.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.train.backend import BackendConfig
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
@@ -110,3 +112,18 @@ class NoDatasetsCallback(WorkerGroupCallback):
 
     def before_init_train_context(self, workers):
         return {"dataset_shard_provider": [None] * len(workers)}
+
+
+@dataclass
+class SingleWorkerConfig(BackendConfig):
+    """The backend of a run with one CPU worker: no torch.distributed process group.
+
+    One worker has nothing to all-reduce, broadcast or gather (step.py, loop.py and
+    gather_node_ids skip their collectives when the world has one rank), so Ray Train's
+    TorchConfig would only make the worker set up a gloo group of one, and make the Train
+    controller import torch to unpickle TorchConfig (about 1 s on the path to the worker's
+    start on 2 cores). Used by pipeline.training.ray_train for num_workers == 1 without GPU;
+    with GPUs or several workers the TorchConfig stays. `backend` is only read by TorchTrainer,
+    which fills in gloo / nccl where it is empty."""
+
+    backend: str = "none"

@@ -37,6 +37,7 @@ turns the failure into the user's message.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 import tempfile
@@ -64,7 +65,7 @@ from pipeline.training.delivery import deliver
 from pipeline.training.failures import failure_message
 from pipeline.training.loop import Reporter, Trainer, TrainJob
 from pipeline.training.ray_cluster import (FixedClusterScalingPolicy, InheritEnvController, NoDatasetsCallback,
-                                           check_resources, connect_for, gather_node_ids)
+                                           SingleWorkerConfig, check_resources, connect_for, gather_node_ids)
 from pipeline.training.ray_progress import ProgressWatch
 from pipeline.training.ray_reporter import RayReporter
 from pipeline.training.run_folders import choose_run_name, storage_uri
@@ -85,7 +86,8 @@ class WorkerConfig:
 
 
 def _worker_loop(config: dict) -> None:
-    """Per-worker function run by TorchTrainer (process group already set up: gloo / nccl)."""
+    """Per-worker function run by TorchTrainer (process group already set up: gloo / nccl; none for
+    one CPU worker, ray_cluster.SingleWorkerConfig)."""
     wc: WorkerConfig = config["worker"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -137,6 +139,9 @@ class PipelineTorchTrainer(TorchTrainer):
       issue 14) or, with several Ray instances on the machine, its thread dies with a traceback;
       and our driver is a short-lived CLI process: the job's placement groups go when it exits.
     - no DatasetManager actor when no Ray Dataset is given (ray_cluster.NoDatasetsCallback).
+    - a controller that does not import torch or the engine: launch_training binds the worker's
+      config into the train function instead of train_loop_config, and one CPU worker gets no
+      process group (ray_cluster.SingleWorkerConfig) instead of TorchConfig.
     - when the nodes already have the job's environment (pipeline.cluster.workers_inherit_env):
       the controller and the workers without runtime_envs, and no autoscaler requests
       (`_initialize_and_run_controller`).
@@ -216,9 +221,13 @@ def launch_training(job: TrainJob, rp: RayParams, resume: bool, run_name: str | 
         worker = WorkerConfig(job=job, use_gpu=rp.use_gpu, run_name=run_name, launch_id=launch_id, tracking=plan,
                               cluster_nodes=nodes, progress_key=progress_key, wrap_reporter=wrap_reporter)
         resources = {"CPU": rp.cpus_per_worker, **({"GPU": rp.gpus_per_worker} if rp.use_gpu else {})}
+        # The worker's config is bound into the train function, which Ray Train hands the workers
+        # through the object store, not passed as train_loop_config, which the Train controller
+        # unpickles too (as part of its TrainRunContext): WorkerConfig holds the TrainJob, so that
+        # would import the engine and torch in the controller, on the path to the workers' start.
         trainer = PipelineTorchTrainer(
-            _worker_loop,
-            train_loop_config={"worker": worker},
+            functools.partial(_worker_loop, {"worker": worker}),
+            torch_config=SingleWorkerConfig() if rp.num_workers == 1 and not rp.use_gpu else None,
             scaling_config=ScalingConfig(num_workers=rp.num_workers, use_gpu=rp.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=run_name, storage_path=storage,
