@@ -10,9 +10,10 @@ pickled by reference): keep it light, no torch or engine import at module level.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 from ray.train.backend import BackendConfig
@@ -20,6 +21,7 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 from ray.train.v2._internal.execution.worker_group import WorkerGroup
+from ray.train.v2._internal.execution.worker_group import worker_group as _worker_group_module
 
 from pipeline.config import RayParams
 from pipeline.errors import ParamsError
@@ -76,6 +78,36 @@ class InheritEnvWorkerGroup(WorkerGroup):
     @staticmethod
     def _get_worker_runtime_env(custom_runtime_env):
         return dict(custom_runtime_env or {})
+
+    def _start_impl(self, worker_group_state_builder):
+        with _sync_actor_in_a_new_process():
+            return super()._start_impl(worker_group_state_builder)
+
+
+_SYNC_ACTOR_ENV = {"env_vars": {"PIPELINE_TRAIN_SYNC_ACTOR": "1"}}
+
+
+@contextlib.contextmanager
+def _sync_actor_in_a_new_process() -> Iterator[None]:
+    """While active, the worker group's SynchronizationActor (created just before the Train workers,
+    needed at their first report) asks for a worker process of its own (a runtime_env makes Ray
+    start one), so the Train worker, created right after it, gets the idle one the node prestarted
+    instead of a fresh Python + `import ray` on the path to training."""
+    original = getattr(_worker_group_module, "SynchronizationActor", None)
+    if original is None:           # Ray renamed it: nothing is replaced (only the cost comes back)
+        yield
+        return
+
+    class _InANewProcess:
+        @staticmethod
+        def options(**kwargs):
+            return original.options(**kwargs, runtime_env=_SYNC_ACTOR_ENV)
+
+    _worker_group_module.SynchronizationActor = _InANewProcess
+    try:
+        yield
+    finally:
+        _worker_group_module.SynchronizationActor = original
 
 
 class InheritEnvController(TrainController):
