@@ -433,7 +433,7 @@ class GenerateParams:
 # (they import torch). Its `register_metric` refuses a name missing here; tests/test_metrics.py
 # checks that every name here is registered.
 METRIC_NAMES = ("swd", "kid_domain", "fid_domain", "mmd_domain", "duplicate_rate", "mean_pairwise_distance",
-                "mask_in_region", "class_accuracy_domain", "inception_fid", "inception_kid")
+                "mask_in_region", "mask_area_in_range", "class_accuracy_domain", "inception_fid", "inception_kid")
 
 
 def check_metric_names(names: list[str], key: str) -> None:
@@ -454,7 +454,7 @@ class EvaluateParams:
 
     metrics: list[str] = field(default_factory=lambda: ["swd", "kid_domain", "fid_domain", "mmd_domain",
                                                         "duplicate_rate", "mask_in_region",
-                                                        "class_accuracy_domain"])
+                                                        "mask_area_in_range", "class_accuracy_domain"])
     seed: int = 0
     feature_epochs: int = 3
     inception_weights: Optional[str] = None   # local path; Inception metrics only when given

@@ -21,7 +21,7 @@ from pipeline.errors import ParamsError, PipelineError
 from pipeline.metrics import kernel, registry
 from pipeline.metrics.diversity import duplicate_rate_of, mean_pairwise, pixel_vectors
 from pipeline.metrics.fidelity import class_accuracy_domain
-from pipeline.metrics.placement import mask_in_region, mask_share_in_region
+from pipeline.metrics.placement import mask_area_in_range, mask_in_region, mask_share_in_region
 from pipeline.metrics.swd import swd_per_level
 
 CLASSES = ["normal", "scratch", "spot"]
@@ -275,6 +275,28 @@ def test_mask_in_region_hand_computed():
     none = registry.MetricContext(params=EvaluateParams(), fake_masks=masks, fake_regions=regions,
                                   has_region=np.zeros(4, bool))
     assert np.isnan(mask_in_region(None, None, none))
+
+
+def test_mask_area_in_range_hand_computed():
+    """10x10 masks (100 px), so the range is 0.2-30 px: one pixel is in, 30 px is in (the bound is
+    included), 31 px is above, an empty mask is below."""
+    masks = np.zeros((5, 1, 10, 10), np.uint8)
+    masks[0, 0, 0, 0] = 1                    # 1 %: in range
+    masks[1, 0, :3, :] = 1                   # 30 %: in range (bound included)
+    masks[2, 0, :3, :] = 1
+    masks[2, 0, 3, 0] = 1                    # 31 %: above
+    # masks[3] empty: below (collapsed)
+    masks[4, 0, :5, :] = 1                   # 50 %, but no region: not counted
+    has = np.array([True, True, True, True, False])
+    ctx = registry.MetricContext(params=EvaluateParams(), fake_masks=masks, fake_regions=np.ones_like(masks),
+                                 has_region=has)
+    ctx._current = "mask_area_in_range"
+    assert mask_area_in_range(None, None, ctx) == pytest.approx(0.5)
+    assert ctx.details == {"mask_area_in_range_mean_area": pytest.approx((0.01 + 0.30 + 0.31 + 0) / 4),
+                           "mask_area_in_range_below": 1, "mask_area_in_range_above": 1}
+    none = registry.MetricContext(params=EvaluateParams(), fake_masks=masks, fake_regions=masks,
+                                  has_region=np.zeros(5, bool))
+    assert np.isnan(mask_area_in_range(None, None, none))
 
 
 def test_class_accuracy_domain_hand_computed():

@@ -5,7 +5,7 @@ swd.py        ProGAN's sliced Wasserstein distance on Laplacian-pyramid patches
 features.py   the domain feature network (small CNN trained on the real data, not Inception)
 kernel.py     KID / FID / Gaussian MMD math and the `*_domain` metrics
 diversity.py  duplicate_rate (birthday-paradox style) and mean_pairwise_distance
-placement.py  mask_in_region (generated mask inside the requested region)
+placement.py  mask_in_region (generated mask inside the requested region), mask_area_in_range
 inception.py  inception_fid / inception_kid from user-supplied local weights only
 data.py       reading prepared real data and synthetic sets (shared with pipeline.downstream)
 evaluate.py   run_evaluate: the evaluate stage
