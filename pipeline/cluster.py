@@ -442,37 +442,42 @@ def ray_logging(verbose: bool) -> dict[str, Any]:
             "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
 
 
-_inherits_env = False   # set by connect: see workers_inherit_env
-
-
 @contextlib.contextmanager
-def _without_api_server(skip: bool) -> Iterator[None]:
-    """While active (and `skip`), a local Ray started by ray.init() runs no API server process.
+def _lean_local_head(skip_api_server: bool) -> Iterator[None]:
+    """While active, a local Ray started by ray.init() runs no autoscaler monitor process and, if
+    `skip_api_server`, no API server process. Each is a Python process a stage's own Ray starts
+    and stops for nothing (bench/bench_ray_overhead.py, 2 cores):
 
-    Ray 2.60 starts its API server ("dashboard" process) on a head node even with
-    include_dashboard=False, then with only its usage-stats module (off here, RAY_USAGE_STATS_ENABLED=0),
-    and ray.init waits until that process has imported its web stack and published its address:
-    about 0.8 s of every stage's start on 2 cores (bench/bench_ray_overhead.py). Nothing a
-    stage's own Ray runs needs it: it serves the dashboard, job submission and the State API
-    (`ray.util.state`), which the pipeline does not use (ray_train.PipelineTorchTrainer drops the
-    one Ray Train part that asks it). `pipeline cluster up` starts its nodes with `ray start` and
-    keeps its dashboard (--dashboard-port). If Ray renames the method, nothing is replaced (only
-    the cost comes back)."""
+    - the API server ("dashboard" process): Ray 2.60 starts it on a head even with
+      include_dashboard=False, then with only its usage-stats module (off here,
+      RAY_USAGE_STATS_ENABLED=0), and ray.init waits until it has imported its web stack and
+      published its address (~0.8 s). It serves the dashboard, job submission and the State API
+      (`ray.util.state`), which the pipeline does not use (ray_train.PipelineTorchTrainer drops the
+      one Ray Train part that asks it).
+    - the autoscaler monitor: on a single local node nothing is there to add or remove, and at
+      ray.shutdown() it outlives its SIGTERM by the whole 1 s grace period (its handler reports its
+      own termination to the GCS, which shutdown has already stopped) before it is killed.
+
+    `pipeline cluster up` starts its nodes with `ray start` and keeps both (and its dashboard,
+    --dashboard-port). If Ray renames a method, that one is not replaced (only its cost comes back)."""
     from ray._private import node
 
-    original = node.Node.__dict__.get("start_api_server")
-    if not skip or original is None:
-        yield
-        return
+    skipped = ("start_monitor", "start_api_server") if skip_api_server else ("start_monitor",)
+    originals = {name: node.Node.__dict__[name] for name in skipped if name in node.Node.__dict__}
 
-    def start_api_server(self, *, include_dashboard, raise_on_failure):
+    def not_started(self, **kwargs):
         return None
 
-    node.Node.start_api_server = start_api_server
+    for name in originals:
+        setattr(node.Node, name, not_started)
     try:
         yield
     finally:
-        node.Node.start_api_server = original
+        for name, original in originals.items():
+            setattr(node.Node, name, original)
+
+
+_inherits_env = False   # set by connect: see workers_inherit_env
 
 
 def workers_inherit_env() -> bool:
@@ -534,7 +539,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, us
         # address="local": always a new instance for this stage. Without it ray.init() joins any
         # Ray a test or another user left running on this machine (/tmp/ray), and then refuses
         # num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
-        with _without_api_server(not include_dashboard):
+        with _lean_local_head(skip_api_server=not include_dashboard):
             ray.init(address="local", num_cpus=cpus, num_gpus=None if use_gpu else 0,
                      include_dashboard=include_dashboard, dashboard_host=LOOPBACK,
                      object_store_memory=object_store_mb * 1024 * 1024, **kwargs)
