@@ -127,9 +127,9 @@ class Killer(threading.Thread):
     """SIGKILLs rank 1's process once both ranks hold after the first checkpoint and the Train
     controller has recorded that checkpoint in the run folder (it polls workers every 0.2 s)."""
 
-    def __init__(self, hook_dir: Path, run_dir: Path, timeout: float = 240.0):
+    def __init__(self, hook_dir: Path, run_dir: Path, timeout: float = 240.0, start_timeout: float = 600.0):
         super().__init__(daemon=True)
-        self.hook_dir, self.run_dir, self.timeout = hook_dir, run_dir, timeout
+        self.hook_dir, self.run_dir, self.timeout, self.start_timeout = hook_dir, run_dir, timeout, start_timeout
         self.killed_pid, self.error = None, None
 
     def ready(self) -> bool:
@@ -138,6 +138,14 @@ class Killer(threading.Thread):
         return held and snapshot.exists() and "checkpoint-000000032" in snapshot.read_text()
 
     def run(self):
+        # The checkpoint deadline counts from the workers' start, not from the launch: on a loaded
+        # machine Ray took 3.5 min to start the two workers (2026-12-06, load 5-6).
+        started = time.monotonic() + self.start_timeout
+        while not all((self.hook_dir / f"rank{r}.pid").exists() for r in (0, 1)):
+            if time.monotonic() > started:
+                self.error = "workers never started"
+                return
+            time.sleep(0.05)
         deadline = time.monotonic() + self.timeout
         while not self.ready():
             if time.monotonic() > deadline:
