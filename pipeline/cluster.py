@@ -463,18 +463,27 @@ def _lean_local_head(skip_api_server: bool) -> Iterator[None]:
     from ray._private import node
 
     skipped = ("start_monitor", "start_api_server") if skip_api_server else ("start_monitor",)
-    originals = {name: node.Node.__dict__[name] for name in skipped if name in node.Node.__dict__}
 
     def not_started(self, **kwargs):
         return None
 
+    with replaced_attributes(node.Node, {name: not_started for name in skipped}):
+        yield
+
+
+@contextlib.contextmanager
+def replaced_attributes(owner: Any, replacements: dict[str, Any]) -> Iterator[None]:
+    """While active, `owner`'s own attribute `name` (a class's or a module's) is replacements[name];
+    restored on exit. For the Ray internals the start-up cuts replace: a name `owner` does not
+    define (Ray renamed it) is skipped, so only that cut's cost comes back."""
+    originals = {name: vars(owner)[name] for name in replacements if name in vars(owner)}
     for name in originals:
-        setattr(node.Node, name, not_started)
+        setattr(owner, name, replacements[name])
     try:
         yield
     finally:
         for name, original in originals.items():
-            setattr(node.Node, name, original)
+            setattr(owner, name, original)
 
 
 _inherits_env = False   # set by connect: see workers_inherit_env

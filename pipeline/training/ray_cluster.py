@@ -23,6 +23,7 @@ from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPo
 from ray.train.v2._internal.execution.worker_group import WorkerGroup
 from ray.train.v2._internal.execution.worker_group import worker_group as _worker_group_module
 
+from pipeline.cluster import replaced_attributes
 from pipeline.config import RayParams
 from pipeline.errors import ParamsError
 
@@ -94,20 +95,14 @@ def _sync_actor_in_a_new_process() -> Iterator[None]:
     start one), so the Train worker, created right after it, gets the idle one the node prestarted
     instead of a fresh Python + `import ray` on the path to training."""
     original = getattr(_worker_group_module, "SynchronizationActor", None)
-    if original is None:           # Ray renamed it: nothing is replaced (only the cost comes back)
-        yield
-        return
 
     class _InANewProcess:
         @staticmethod
         def options(**kwargs):
             return original.options(**kwargs, runtime_env=_SYNC_ACTOR_ENV)
 
-    _worker_group_module.SynchronizationActor = _InANewProcess
-    try:
+    with replaced_attributes(_worker_group_module, {"SynchronizationActor": _InANewProcess}):
         yield
-    finally:
-        _worker_group_module.SynchronizationActor = original
 
 
 class InheritEnvController(TrainController):
