@@ -11,6 +11,8 @@ Per set-up and stage:
             reported with its parts: connect (ray.init), the rest of fit();
   generate  fixed overhead = connect + time until the first generated batch reaches the driver
             (actor processes start and load the generator), against the whole stage's wall time.
+Then, in fresh processes too, the seconds each import a Train worker needs takes (WORKER_IMPORTS):
+the floor under "train: fixed overhead" that no Ray setting removes, since a worker is a new process.
 To compare two versions on a shared machine, alternate runs of each (A B A B) with
 PYTHONPATH=<a checkout of the other version>: the stages (and a local Ray's workers) import the
 pipeline from there; the header names the commit measured and the load average.
@@ -32,6 +34,14 @@ from pathlib import Path
 
 TINY_CYCLEGAN = {"base_channels": 8, "d_base_channels": 8, "n_blocks": 1, "d_layers": 2}
 TARGET_S = 5.0
+# What a fresh Ray Train worker process imports before and during its first tick, in the order it
+# does: the in-process reference has all of them loaded already, so they count as fixed overhead.
+# mlflow's sqlite store is what rank 0's MlflowClient loads for a sqlite:// tracking URI; torch's
+# first optimizer imports torch._dynamo (torch._compile._disable_dynamo on add_param_group).
+WORKER_IMPORTS = (("ray", "ray"), ("Ray Train worker API", "ray.train.v2.api.context"), ("torch", "torch"),
+                  ("the engine (pipeline.training.loop)", "pipeline.training.loop"),
+                  ("mlflow + its sqlite store", "mlflow.store.tracking.sqlalchemy_store"),
+                  ("albumentations", "albumentations"), ("torch._dynamo (first optimizer)", "torch._dynamo"))
 
 
 def _params(root: Path, kimg: float, batch: int):
@@ -46,6 +56,16 @@ def _params(root: Path, kimg: float, batch: int):
 
 def child(args) -> None:
     """One stage in this fresh process; prints its timings as JSON on the last line."""
+    if args.child == "imports":
+        import importlib
+
+        seconds = {}
+        for _, module in WORKER_IMPORTS:
+            t0 = time.perf_counter()
+            importlib.import_module(module)
+            seconds[module] = time.perf_counter() - t0
+        print(json.dumps(seconds))
+        return
     root = Path(args.root)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     params = _params(root, args.kimg, args.batch)
@@ -93,7 +113,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1, help="runs per set-up and stage (medians reported)")
     ap.add_argument("--root", help=argparse.SUPPRESS)
-    ap.add_argument("--child", choices=["train", "generate"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["train", "generate", "imports"], help=argparse.SUPPRESS)
     ap.add_argument("--name", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
@@ -162,6 +182,9 @@ def main() -> None:
             if setup == "joined":
                 cluster.cluster_down(quiet=True)
 
+    imports = [run_child(root, env, "--child", "imports") for _ in range(args.repeats)]
+    import_s = {module: statistics.median(run[module] for run in imports) for _, module in WORKER_IMPORTS}
+
     med = {s: {k: statistics.median(v) for k, v in r.items() if k != "where"} for s, r in results.items()}
     rows = [
         ("train: in-process engine, same job (the work itself)", f"{t_engine:.1f} s", f"{t_engine:.1f} s"),
@@ -184,6 +207,11 @@ def main() -> None:
     print(f"|{'-' * (width + 2)}|---|---|")
     for name, local, joined in rows:
         print(f"| {name.ljust(width)} | {local} | {joined} |")
+    print(f"\nWhat a fresh Python process imports for a Train worker (median of {args.repeats}; the in-process "
+          "reference has these loaded, so they are inside 'train: fixed overhead'):")
+    for name, module in WORKER_IMPORTS:
+        print(f"  {name.ljust(38)} {import_s[module]:5.2f} s")
+    print(f"  {'total'.ljust(38)} {sum(import_s.values()):5.2f} s")
     for setup in ("local", "joined"):
         worst = max(med[setup]["train_fixed"], med[setup]["gen_fixed"])
         verdict = "meets" if worst <= TARGET_S else "misses"
