@@ -140,9 +140,9 @@ class Killer(threading.Thread):
     def run(self):
         # The checkpoint deadline counts from the workers' start, not from the launch: on a loaded
         # machine Ray took 3.5 min to start the two workers (2026-12-06, load 5-6).
-        started = time.monotonic() + self.start_timeout
+        start_deadline = time.monotonic() + self.start_timeout
         while not all((self.hook_dir / f"rank{r}.pid").exists() for r in (0, 1)):
-            if time.monotonic() > started:
+            if time.monotonic() > start_deadline:
                 self.error = "workers never started"
                 return
             time.sleep(0.05)
