@@ -31,8 +31,8 @@ so a run on a remote cluster still delivers models/<family>/ to the machine that
 
 Console: the driver shows one progress display that rank 0 feeds (ray_progress.py). Ray Train's
 own logging is kept to errors unless verbose (RunConfig.logging_config); a worker that fails with
-anything but a PipelineError prints its full traceback, which reaches the driver; failures.py
-turns the failure into the user's message.
+anything but a PipelineError sends its full traceback with the exception, which the driver
+prints; failures.py turns the failure into the user's message.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from pipeline.config import RayParams
 from pipeline.errors import PipelineError, TrainingError
 from pipeline.fsutil import ensure_writable_parent
 from pipeline.training.delivery import deliver
-from pipeline.training.failures import failure_message
+from pipeline.training.failures import failure_message, with_traceback_text, worker_tracebacks
 from pipeline.training.loop import Reporter, Trainer, TrainJob
 from pipeline.training.ray_cluster import (FixedClusterScalingPolicy, InheritEnvController, NoDatasetsCallback,
                                            SingleWorkerConfig, check_resources, connect_for, gather_node_ids)
@@ -117,13 +117,9 @@ def _worker_loop(config: dict) -> None:
         trainer.run()
     except PipelineError:
         raise                      # a clear message; the driver shows it as is
-    except Exception:
-        # Ray hands the driver at most 1000 characters of a worker's traceback: write it whole to
-        # stderr, which reaches the driver through log_to_driver at every verbosity (not print():
-        # Ray Train turns a worker's print into an INFO log record).
-        sys.stderr.write(f"training worker rank {rank} failed:\n{traceback.format_exc()}")
-        sys.stderr.flush()
-        raise
+    except Exception as err:
+        # The whole traceback rides on the exception to the driver (failures.py says why not stderr).
+        raise with_traceback_text(err, traceback.format_exc())
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -236,7 +232,7 @@ def launch_training(job: TrainJob, rp: RayParams, resume: bool, run_name: str | 
                                  logging_config=LoggingConfig(log_level="INFO" if console.verbose() else "ERROR")),
         )
         trainer.inherit_env = workers_inherit_env()
-        label = f"train {family}"
+        label, failed = f"train {family}", None
         with console.progress(label, total=common.kimg, unit="kimg", precision=2) as bar:
             bar.update(note=f"starting {rp.num_workers} Ray Train worker(s)")
             watch = ProgressWatch(progress_key, bar, label)
@@ -244,9 +240,14 @@ def launch_training(job: TrainJob, rp: RayParams, resume: bool, run_name: str | 
             try:
                 result = trainer.fit()
             except ray.train.TrainingFailedError as err:
-                raise TrainingError(failure_message(err, run_name, run_dir)) from None
+                failed = err
             finally:
                 watch.close()
+        if failed is not None:
+            for rank, text in worker_tracebacks(failed).items():
+                sys.stderr.write(f"training worker rank {rank} failed:\n{text}")
+            sys.stderr.flush()
+            raise TrainingError(failure_message(failed, run_name, run_dir)) from None
         deliver(result, out_dir)
         final = dict(result.metrics or {})
     finally:
