@@ -21,6 +21,9 @@ Modes are '+'-joined levers:
     fp32 | bf16    precision: fp32 eager, or bf16 autocast (the engine's StepConfig.precision)
     cl             channels_last networks and batches (TrainCommonParams.channels_last)
     fused          fused optimizer kernels (Adam(fused=True); foreach for optimizers without one)
+    gemm           SmallMapConv2d's matrix-product route for large layers on tiny maps (StarGAN's
+                   and Defect-GAN's D; pipeline/models/blocks.py); without it those layers run
+                   through torch's convolution kernel, as in the reference code
     compile        StepConfig.compile_generators: torch.compile on the generators (D's gradient
                    penalty needs double backward, which compiled autograd does not support, so D
                    stays eager); compile time (2 cycles incl. compiling) reported separately
@@ -63,7 +66,7 @@ CLASSES = ("normal", "crack", "spallation", "efflorescence", "exposed_bars", "co
 # (measured: GEMM fp32 203 / bf16 867; conv forward fp32 482 / bf16 894, so fp32 convs can beat
 # the nominal 214); pass --peak-fp32 / --peak-bf16 to use other figures.
 PEAK_FP32, PEAK_BF16 = 214.0, 780.0
-FAST_MODE = "bf16+fused"
+FAST_MODE = "bf16+fused+gemm"
 BASE_MODE = "fp32"
 
 
@@ -74,6 +77,7 @@ class Mode:
     precision: str = "fp32"
     channels_last: bool = False
     fused: bool = False
+    gemm: bool = False
     compile: bool = False
     threads: int = 0            # 0: torch's default
     separate: bool = False      # cyclegan: one network call per translation (the pre-batching path)
@@ -88,6 +92,8 @@ class Mode:
                 kw["channels_last"] = True
             elif tok == "fused":
                 kw["fused"] = True
+            elif tok == "gemm":
+                kw["gemm"] = True
             elif tok == "compile":
                 kw["compile"] = True
             elif tok == "sep":
@@ -98,7 +104,7 @@ class Mode:
                 kw["threads"] = int(tok[1:])
             else:
                 raise SystemExit(f"unknown mode token {tok!r} in {text!r} "
-                                 "(known: fp32, bf16, cl, fused, compile, tN, sep, spin)")
+                                 "(known: fp32, bf16, cl, fused, gemm, compile, tN, sep, spin)")
         return cls(**kw)
 
 
@@ -136,6 +142,7 @@ def measure(family_name: str, res: int, batch: int, mode: Mode, iters: int, warm
     from pipeline.config import from_dict
     from pipeline.models import REGISTRY
     from pipeline.models.base import DataSpec
+    from pipeline.models.blocks import set_small_map_gemm
     from pipeline.training.flops import CountFlops
     from pipeline.training.step import AdversarialStep, StepConfig
 
@@ -149,6 +156,7 @@ def measure(family_name: str, res: int, batch: int, mode: Mode, iters: int, warm
     family = cls(cfg, spec).to(dev)
     if mode.channels_last:
         family = family.to(memory_format=torch.channels_last)
+    set_small_map_gemm(family, mode.gemm)
     family.set_progress(1, 1)                         # progan: the final (full-resolution) network
     if mode.separate and hasattr(family, "_per_sample_norm"):
         family._per_sample_norm = lambda: False
@@ -208,6 +216,7 @@ def measure(family_name: str, res: int, batch: int, mode: Mode, iters: int, warm
 
 def mode_name(mode: Mode) -> str:
     parts = [mode.precision] + (["cl"] if mode.channels_last else []) + (["fused"] if mode.fused else []) \
+        + (["gemm"] if mode.gemm else []) \
         + (["compile"] if mode.compile else []) + ([f"t{mode.threads}"] if mode.threads else []) \
         + (["sep"] if mode.separate else [])
     return "+".join(parts)

@@ -12,11 +12,14 @@ from pipeline.models.blocks import (
     PatchDiscriminator,
     ResnetBlock,
     ResnetGenerator,
+    SmallMapConv2d,
+    StarGANDiscriminator,
     UnetGenerator,
     difference_mask,
     init_weights,
     norm_layer,
     patch_layers_for,
+    set_small_map_gemm,
 )
 from pipeline.models.pool import ImagePool
 
@@ -250,3 +253,63 @@ def test_instance_norm_matches_torch_and_keeps_channels_last():
     assert InstanceNorm(5)(cl).is_contiguous(memory_format=torch.channels_last)
     assert not nn.InstanceNorm2d(5)(cl).is_contiguous(memory_format=torch.channels_last)
     assert list(InstanceNorm(5).state_dict()) == list(nn.InstanceNorm2d(5).state_dict()) == []
+
+
+# --------------------------------------------------------------------------- SmallMapConv2d
+
+def _penalised_grads(conv_fn, x, weight, bias):
+    """Output, and the gradients of a WGAN-GP style loss (output + squared input gradient, which
+    needs the double backward) with respect to the input, the weight and the bias."""
+    x = x.clone().requires_grad_()
+    out = conv_fn(x)
+    g_x, = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
+    loss = out.sum() + (g_x ** 2).sum()
+    return (out, *torch.autograd.grad(loss, [x, weight, bias]))
+
+
+@pytest.mark.parametrize("stride,padding,size", [(2, 1, 4), (2, 1, 8), (1, 0, 3), (1, 1, 2)])
+def test_small_map_conv_gemm_route_is_the_same_convolution(stride, padding, size, monkeypatch):
+    torch.manual_seed(0)
+    conv = SmallMapConv2d(6, 10, 4 if stride == 2 else 3, stride, padding).double()
+    conv.MIN_GEMM_WEIGHT = 0                          # route this small layer too
+    x = torch.randn(3, 6, size, size, dtype=torch.float64)
+    assert conv.routes_to_gemm(x)
+    unfold_calls = []
+    real_unfold = torch.nn.functional.unfold
+    monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: unfold_calls.append(1) or real_unfold(*a, **k))
+    ours = _penalised_grads(conv, x, conv.weight, conv.bias)
+    assert unfold_calls                               # the matrix-product route ran
+    reference = _penalised_grads(lambda t: torch.nn.functional.conv2d(t, conv.weight, conv.bias, stride, padding),
+                                 x, conv.weight, conv.bias)
+    assert ours[0].shape == reference[0].shape
+    for got, want in zip(ours, reference):        # output, d/dx, d/dweight, d/dbias (double backward inside)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_small_map_conv_routes_only_large_weights_on_tiny_maps():
+    D = StarGANDiscriminator(3, 128, 64, 6, num_classes=5)       # the papers' D: 64 -> 2048 channels
+    seen = []
+    for layer in D.features:
+        if isinstance(layer, SmallMapConv2d):
+            layer.register_forward_pre_hook(lambda m, args: seen.append((m.out_channels, m.routes_to_gemm(args[0]))))
+    with torch.no_grad():
+        D(torch.randn(1, 3, 128, 128))
+    # 128 -> 64 -> ... -> 2 px: only 512 -> 1024 (8 -> 4 px) and 1024 -> 2048 (4 -> 2 px) qualify
+    assert seen == [(64, False), (128, False), (256, False), (512, False), (1024, True), (2048, True)]
+    assert set_small_map_gemm(D, False) == 6
+    assert not any(m.routes_to_gemm(torch.zeros(1, m.in_channels, 4, 4)) for m in D.features
+                   if isinstance(m, SmallMapConv2d))
+    assert list(D.state_dict()) == list(StarGANDiscriminator(3, 128, 64, 6, num_classes=5).state_dict())
+
+
+def test_small_map_conv_under_bf16_autocast_and_channels_last():
+    torch.manual_seed(0)
+    conv = SmallMapConv2d(32, 64, 4, 2, 1)
+    conv.MIN_GEMM_WEIGHT = 0
+    x = torch.randn(4, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = conv(x)
+        set_small_map_gemm(conv, False)
+        kernel = conv(x)
+    assert ours.dtype == kernel.dtype == torch.bfloat16 and ours.shape == kernel.shape == (4, 64, 2, 2)
+    torch.testing.assert_close(ours.float(), kernel.float(), rtol=2e-2, atol=2e-2)
