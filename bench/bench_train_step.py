@@ -384,8 +384,8 @@ def side_by_side(args, run) -> None:
     print("\n".join(lines))
     print("\n| config | project mode | median ratio | ratio of each pair | >= 3x |\n|---|---|---|---|---|")
     print("\n".join(summary))
-ABLATION = [BASE_MODE, "fp32+spin", "fp32+t1", "fp32+sep", "fp32+fused", "fp32+cl", "bf16", "bf16+cl",
-            "bf16+fused", "bf16+t1", "bf16+fused+t1", "bf16+fused+t1+compile"]
+ABLATION = [BASE_MODE, "fp32+spin", "fp32+t1", "fp32+sep", "fp32+fused", "fp32+gemm", "fp32+cl", "bf16", "bf16+cl",
+            "bf16+fused", "bf16+fused+gemm", "bf16+t1", "bf16+fused+t1", "bf16+fused+t1+compile"]
 
 
 def main(argv=None) -> None:

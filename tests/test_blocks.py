@@ -296,6 +296,8 @@ def test_small_map_conv_routes_only_large_weights_on_tiny_maps():
         D(torch.randn(1, 3, 128, 128))
     # 128 -> 64 -> ... -> 2 px: only 512 -> 1024 (8 -> 4 px) and 1024 -> 2048 (4 -> 2 px) qualify
     assert seen == [(64, False), (128, False), (256, False), (512, False), (1024, True), (2048, True)]
+    deepest = D.features[-2]
+    assert not deepest.routes_to_gemm(torch.empty(1, 1024, 4, 4, device="meta"))   # off the CPU: the kernel
     assert set_small_map_gemm(D, False) == 6
     assert not any(m.routes_to_gemm(torch.zeros(1, m.in_channels, 4, 4)) for m in D.features
                    if isinstance(m, SmallMapConv2d))

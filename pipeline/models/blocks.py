@@ -69,12 +69,14 @@ class SmallMapConv2d(nn.Conv2d):
     backward goes through unfold and matmul); only the order of the floating-point sums differs
     (relative difference ~5e-7 in fp32). Why: the deep end of StarGAN's D at 128 px, 1024 -> 2048
     channels 4x4 from 4x4 to 2x2 pixels (a 33.5 M-parameter weight, 64 output rows at batch 16),
-    took 45 % of StarGAN's training step through the convolution kernel. Measured forward +
-    backward on 2 Xeon cores (AMX), batch 16, bf16 autocast: 276 -> 83 ms, with the gradient
-    penalty's double backward 741 -> 167 ms; 512 -> 1024 from 8x8 to 4x4: 55 -> 19 ms; fp32 gains
-    too (193 -> 58 ms). Below `MIN_GEMM_WEIGHT` elements or above `MAX_GEMM_POSITIONS` output
-    positions the kernel is as fast or faster (256 -> 512 from 16x16: 16 vs 16 ms; the 2048 -> 1
-    3x3 source head: 0.4 vs 0.7 ms), so those layers keep it. CUDA keeps cuDNN.
+    took 45 % of StarGAN's training step through the convolution kernel. Forward + backward on 2
+    Xeon cores (AMX), batch 16, bf16 autocast: 294 -> 81 ms, with the gradient penalty's double
+    backward 740 -> 174 ms; 512 -> 1024 from 8x8 to 4x4: 59 -> 19 ms; fp32 gains too (211 -> 62
+    ms). Below `MIN_GEMM_WEIGHT` elements or above `MAX_GEMM_POSITIONS` output positions the kernel
+    is as fast or faster (256 -> 512 from 16x16 with the penalty: 51 vs 59 ms; the 2048 -> 1 3x3
+    source head: 1.8 vs 4.6 ms), so those layers keep it. Whole StarGAN step at 128 px: 1.80x
+    (bench/bench_small_map_conv.py, bench/results/train_step_small_map_gemm_2026-12-06.md). CUDA
+    keeps cuDNN.
     `gemm_small_maps = False` (set_small_map_gemm) turns the route off, for the ablation.
     """
 
