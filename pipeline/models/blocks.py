@@ -86,21 +86,23 @@ class SmallMapConv2d(nn.Conv2d):
 
     def routes_to_gemm(self, x: torch.Tensor) -> bool:
         """Whether forward(x) takes the matrix-product route."""
+        return self._gemm_output_size(x) is not None
+
+    def _gemm_output_size(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """The output map (h, w) when forward(x) takes the matrix-product route, else None."""
         if not (self.gemm_small_maps and x.device.type == "cpu" and x.dim() == 4 and self.groups == 1
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and self.weight.numel() >= self.MIN_GEMM_WEIGHT):
-            return False
-        h, w = self._output_size(x)
-        return h * w <= self.MAX_GEMM_POSITIONS
-
-    def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
-        return tuple((x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
-                     // self.stride[i] + 1 for i in range(2))
+            return None
+        h, w = ((x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
+                // self.stride[i] + 1 for i in range(2))
+        return (h, w) if h * w <= self.MAX_GEMM_POSITIONS else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.routes_to_gemm(x):
+        size = self._gemm_output_size(x)
+        if size is None:
             return super().forward(x)
-        (h, w), n = self._output_size(x), x.shape[0]
+        (h, w), n = size, x.shape[0]
         patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding,
                            stride=self.stride)                                  # (B, C k k, h w)
         # One 2-D product (C_out, C k k) x (C k k, B h w): a batched matmul against the weight
