@@ -267,6 +267,69 @@ class ElpvSourceParams:
 
 
 @dataclass
+class SegmentationSourceParams:
+    """`<root>/<images_dir>/<split>/<id>.<ext>` + `<root>/<masks_dir>/<split>/<id><mask_ext>` holding
+    one class index per pixel (pipeline/data/segmentation.py)."""
+
+    root: str = ""
+    images_dir: str = "img_dir"
+    masks_dir: str = "ann_dir"
+    # Sub-folders of images_dir / masks_dir read (pooled, then re-split by prepare.split);
+    # []: the images lie directly in images_dir (any depth).
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    mask_ext: str = ".png"
+    class_names: dict[int, str] = field(default_factory=dict)   # mask index -> class name; 0 is background
+
+    def validate(self, where: str) -> None:
+        for name in ("images_dir", "masks_dir"):
+            require(bool(getattr(self, name)), f"{where}.{name}", "must name a folder under root.")
+        require(self.mask_ext.startswith(".") and len(self.mask_ext) > 1, f"{where}.mask_ext",
+                f"must be a file extension such as '.png', got {self.mask_ext!r}.")
+        names: dict[int, str] = {}
+        for raw, name in self.class_names.items():
+            key = f"{where}.class_names.{raw}"
+            try:
+                index = int(raw)                   # YAML reads `1: inclusion` as int 1, '"1": x' as str
+            except (TypeError, ValueError):
+                raise ParamsError(f"params key '{key}' must be a mask index 1..255, got {raw!r}.") from None
+            require(1 <= index <= 255, key, f"must be a mask index 1..255 (0 is background), got {raw!r}.")
+            require(isinstance(name, str) and bool(name) and name != "normal", key,
+                    f"must be a defect class name (not empty, not 'normal'), got {name!r}.")
+            require(index not in names, key, "gives an index twice.")
+            names[index] = name
+        require(len(set(names.values())) == len(names), f"{where}.class_names",
+                f"names a class twice: {sorted(names.values())}.")
+        self.class_names = dict(sorted(names.items()))
+
+
+@dataclass
+class PatchParams:
+    """`prepare.resize: patches`: training patches of prepare.resolution px cut at native scale
+    (pipeline/data/patches.py): around every connected defect component of a mask, and from
+    defect-free regions of every image (normal images and defect images alike)."""
+
+    scale: float = 1.0                 # images and masks resized by this factor before cutting; 1 = native pixels
+    defect_per_component: int = 1      # patches per connected defect component (8-connectivity)
+    jitter: float = 0.5                # share of the free room used: 0 = component centred, 1 = anywhere inside
+    min_component_px: int = 1          # smaller components (mask pixels, after scale) get no patch of their own
+    normal_per_image: int = 1          # defect-free patches per image (normal and defect images)
+    normal_margin: int = 4             # px between a normal patch and the nearest mask pixel
+    max_defect_per_class: int = 0      # cap, all splits together (each split its prepare.split share); 0 = none
+    max_normal: int = 0                # cap on normal patches, all splits together (shared the same way); 0 = none
+
+    def validate(self, where: str) -> None:
+        require(0.01 <= self.scale <= 16, f"{where}.scale", f"is a resize factor in [0.01, 16], got {self.scale!r}.")
+        positive(self, where, "defect_per_component", "min_component_px")
+        require(0 <= self.jitter <= 1, f"{where}.jitter", f"must be in [0, 1], got {self.jitter!r}.")
+        for name in ("normal_per_image", "normal_margin", "max_defect_per_class", "max_normal"):
+            require(getattr(self, name) >= 0, f"{where}.{name}", f"must be 0 or more, got {getattr(self, name)!r}.")
+
+
+# Sources whose images are files with pixel masks, readable at their own size (patch mode).
+PATCH_SOURCES = ("folder", "mvtec", "segmentation")
+
+
+@dataclass
 class AugmentParams:
     """Train-time augmentation (albumentations), applied identically to image and mask."""
 
@@ -303,13 +366,15 @@ class PseudoMaskParams:
 
 @dataclass
 class PrepareParams:
-    source: Literal["synthetic", "folder", "mvtec", "cyclegan", "paired", "elpv"] = "synthetic"
+    source: Literal["synthetic", "folder", "mvtec", "cyclegan", "paired", "elpv", "segmentation"] = "synthetic"
     seed: int = 0
     resolution: int = 64
     channels: Literal[1, 3] = 3
     strict: bool = False          # true: a bad input file stops the run; false: skip and report
     mask_threshold: int = 127     # mask pixels > threshold are defect
-    resize: Literal["crop", "stretch"] = "crop"   # crop: centre square then resize; stretch: resize whole
+    # crop: centre square then resize; stretch: resize whole; patches: cut resolution-px patches at
+    # native scale around each defect and from defect-free regions (the `patches` section)
+    resize: Literal["crop", "stretch", "patches"] = "crop"
     split: SplitParams = field(default_factory=SplitParams)
     synthetic: SyntheticSourceParams = field(default_factory=SyntheticSourceParams)
     folder: FolderSourceParams = field(default_factory=FolderSourceParams)
@@ -317,6 +382,8 @@ class PrepareParams:
     cyclegan: RootSourceParams = field(default_factory=RootSourceParams)
     paired: PairedSourceParams = field(default_factory=PairedSourceParams)
     elpv: ElpvSourceParams = field(default_factory=ElpvSourceParams)
+    segmentation: SegmentationSourceParams = field(default_factory=SegmentationSourceParams)
+    patches: PatchParams = field(default_factory=PatchParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
     pseudo_masks: PseudoMaskParams = field(default_factory=PseudoMaskParams)
 
@@ -324,10 +391,18 @@ class PrepareParams:
         positive(self, where, "resolution")
         require(self.resolution >= 8, f"{where}.resolution", f"must be at least 8, got {self.resolution}.")
         require(0 <= self.mask_threshold <= 255, f"{where}.mask_threshold", "must be in 0..255.")
-        if self.source in ("folder", "mvtec", "cyclegan", "paired"):
+        if self.source in ("folder", "mvtec", "cyclegan", "paired", "segmentation"):
             root = getattr(self, self.source).root
             require(bool(root), f"{where}.{self.source}.root",
                     f"must point to your dataset folder when {where}.source is '{self.source}'.")
+        if self.source == "segmentation":
+            require(bool(self.segmentation.class_names), f"{where}.segmentation.class_names",
+                    "must map each mask index to its class name, e.g. {1: inclusion, 2: patches, 3: scratches}.")
+        if self.resize == "patches":
+            require(self.source in PATCH_SOURCES, f"{where}.resize",
+                    f"is 'patches', which cuts patches around mask components at the images' own scale; "
+                    f"it needs a source of image files with pixel masks ({', '.join(PATCH_SOURCES)}), not "
+                    f"'{self.source}'. Set {where}.resize: crop, or another {where}.source.")
 
 
 # --------------------------------------------------------------------------- train (shared part)
@@ -433,7 +508,8 @@ class GenerateParams:
 # (they import torch). Its `register_metric` refuses a name missing here; tests/test_metrics.py
 # checks that every name here is registered.
 METRIC_NAMES = ("swd", "kid_domain", "fid_domain", "mmd_domain", "duplicate_rate", "mean_pairwise_distance",
-                "mask_in_region", "mask_area_in_range", "class_accuracy_domain", "inception_fid", "inception_kid")
+                "mask_in_region", "mask_area_in_range", "class_accuracy_domain", "inception_fid", "inception_kid",
+                "c2st")
 
 
 def check_metric_names(names: list[str], key: str) -> None:
@@ -454,7 +530,7 @@ class EvaluateParams:
 
     metrics: list[str] = field(default_factory=lambda: ["swd", "kid_domain", "fid_domain", "mmd_domain",
                                                         "duplicate_rate", "mask_in_region",
-                                                        "mask_area_in_range", "class_accuracy_domain"])
+                                                        "mask_area_in_range", "class_accuracy_domain", "c2st"])
     seed: int = 0
     feature_epochs: int = 3
     inception_weights: Optional[str] = None   # local path; Inception metrics only when given
@@ -473,9 +549,20 @@ class EvaluateParams:
     duplicate_space: Literal["pixels", "features"] = "pixels"
     duplicate_percentile: float = 1.0   # threshold = this percentile of real-real NN distances
     inception_size: int = 299           # images are resized to this side before the Inception module
+    # Reference rows (pipeline/metrics/evaluate.py): `noise` (uniform random images, a realism
+    # metric must call them fake) and `real_vs_real` (half the real defects vs the other half:
+    # the floor at that sample size).
+    reference_rows: bool = True
+    # c2st, the classifier two-sample test (pipeline/metrics/two_sample.py): seeded splits, and the
+    # downstream classifier's training per split (early stopping on val, at most c2st_max_steps).
+    c2st_splits: int = 3
+    c2st_batch_size: int = 32
+    c2st_lr: float = 3e-3
+    c2st_max_steps: int = 200
 
     def validate(self, where: str) -> None:
         check_metric_names(self.metrics, key=f"{where}.metrics")
+        positive(self, where, "c2st_splits", "c2st_batch_size", "c2st_lr", "c2st_max_steps")
         positive(self, where, "feature_epochs", "feature_batch_size", "swd_projections",
                  "swd_patches_per_image", "kid_subsets", "kid_subset_size", "inception_size")
         require(0 < self.duplicate_percentile < 100, f"{where}.duplicate_percentile",
@@ -510,6 +597,16 @@ class DownstreamParams:
     cap_normals: bool = False
     ci_level: float = 0.95              # paired t interval of the per-seed differences vs real_only
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16: CPU autocast for the forward pass
+    # The downstream segmenter (segmenter.py): a small U-Net per (shots, seed, condition), the same
+    # protocol, stopping rule and statistics as the classifier; false runs the classifier only.
+    segmenter: bool = True
+    segmenter_width: int = 8            # channels of the U-Net's first level (x2 per level down)
+    segmenter_batch_size: int = 16      # a U-Net step costs ~4x a classifier step at 32 px: half the batch
+    segmenter_lr: float = 3e-3
+    # DRAEM-style baseline (draem.py): Perlin-noise masks filled with texture from another normal
+    # training image ("normals") or a built-in procedural texture ("procedural"); nothing downloaded.
+    draem_texture: Literal["normals", "procedural"] = "normals"
+    draem_area: list[float] = field(default_factory=lambda: [0.005, 0.1])   # mask area, fraction of the image
     # Processes training classifiers in parallel, one torch thread each (0 = one per core).
     # Does not change any result (every classifier is seeded on its own), so not a DVC param.
     workers: int = 0
@@ -527,6 +624,10 @@ class DownstreamParams:
                 f"must be 0 (hard cut) or more pixels, got {self.copy_paste_blend_sigma}.")
         require(0 < self.ci_level < 1, f"{where}.ci_level", f"must be in (0, 1), got {self.ci_level}.")
         require(self.workers >= 0, f"{where}.workers", f"must be 0 (one per core) or more, got {self.workers}.")
+        positive(self, where, "segmenter_width", "segmenter_lr", "segmenter_batch_size")
+        require(len(self.draem_area) == 2 and 0 < self.draem_area[0] <= self.draem_area[1] < 1,
+                f"{where}.draem_area", f"must be [min, max] with 0 < min <= max < 1 (fractions of the image), "
+                f"got {self.draem_area}.")
 
 
 # --------------------------------------------------------------------------- top level

@@ -198,7 +198,8 @@ def test_evaluate_stage_prints_its_two_lines_and_plain_progress_only(tmp_path, m
     make_synthetic(syn, "stargan", ["scratch", "spot"])
     make_synthetic(syn, "cyclegan", ["defect"], seed=2)       # no regions: mask_in_region gets a note
     params = EvaluateParams(metrics=["swd", "kid_domain", "fid_domain", "mask_in_region"], feature_epochs=1,
-                            feature_min_steps=5, kid_subsets=5, swd_projections=16, swd_patches_per_image=8)
+                            feature_min_steps=5, kid_subsets=5, swd_projections=16, swd_patches_per_image=8,
+                            reference_rows=False)         # the two models' lines only (no noise, real_vs_real)
     with console.stage(console.stage_name("x")):
         metrics = run_evaluate(params, prepared, syn, tmp_path / "out", ["stargan", "cyclegan"])
     assert metrics["notes"] and fake_tracking == ["evaluation"]
@@ -230,8 +231,8 @@ def test_downstream_stage_prints_its_two_lines_and_plain_progress_only(tmp_path,
     assert stdout == [] and fake_tracking == ["downstream"]
     runs = json.loads((tmp_path / "out" / "downstream_runs.json").read_text())
     assert any("cyclegan" in n for n in runs["notes"])
-    total = len(runs["runs"])                          # real_only, real_classical, real_copy_paste, CAS of real
-    assert len(between) == total, between              # one plain line per classifier done, nothing else
+    total = len(runs["runs"])                          # classifiers, segmenters, CAS of real
+    assert len(between) == total, between              # one plain line per model done, nothing else
     for i, line in enumerate(between, start=1):
-        assert re.fullmatch(rf"  downstream classifiers: {i}/{total} classifier \({100 * i / total:.0f}%\), "
+        assert re.fullmatch(rf"  downstream classifiers and segmenters: {i}/{total} model \({100 * i / total:.0f}%\), "
                             r"ETA (\?|\d+ s|\d+ min \d\d s)", line), line

@@ -22,7 +22,7 @@ from pipeline.config import DownstreamParams, ParamsError, from_dict
 from pipeline.downstream import scores, stats
 from pipeline.downstream.classifier import StopRule, balanced_sampling_weights, predict, train_classifier
 from pipeline.downstream.copy_paste import classes_without_masks, copy_paste
-from pipeline.downstream.run import aggregate, few_shot_indices, run_downstream
+from pipeline.downstream.run import aggregate, aggregate_segmentation, few_shot_indices, run_downstream
 from pipeline.errors import PipelineError
 
 CLASSES = ["normal", "scratch", "spot"]
@@ -173,6 +173,33 @@ def test_aggregate_pairs_by_seed_and_flags_degenerate():
     assert m["shots_5/real_only/macro_f1_delta_mean"] == 0.0
 
 
+def _seg_run(seed, cond, ap, *, shots=5, degenerate=False):
+    return {"kind": "segment", "shots": shots, "seed": seed, "condition": cond, "pixel_ap": ap, "pixel_f1": ap,
+            "image_auroc": ap, "mean_iou": ap, "iou_scratch": ap, "degenerate": degenerate, "n_train": 10,
+            "steps": 100}
+
+
+def test_segmenter_figures_use_the_same_paired_statistics_as_the_classifier():
+    base, better, paste = [0.5, 0.6, 0.7], [0.6, 0.8, 0.9], [0.55, 0.85, 0.7]
+    runs = [_seg_run(s, "real_only", f) for s, f in enumerate(base)]
+    runs += [_seg_run(s, "real_synth_x", f, degenerate=(s == 2)) for s, f in enumerate(better)]
+    runs += [_seg_run(s, "real_copy_paste", f) for s, f in enumerate(paste)]
+    runs += [_run(s, "real_only", 0.1) for s in range(3)]                       # classifier runs: not mixed in
+    m = aggregate_segmentation(runs, ["normal", "scratch"], [5], ["real_only", "real_synth_x", "real_copy_paste"])
+    half = T_975_2DF * np.std([0.1, 0.2, 0.2], ddof=1) / math.sqrt(3)          # differences 0.1, 0.2, 0.2
+    key = "segment/shots_5/real_synth_x"
+    assert m[f"{key}/pixel_ap_delta_mean"] == pytest.approx(0.5 / 3)
+    assert (m[f"{key}/pixel_ap_delta_ci_low"], m[f"{key}/pixel_ap_delta_ci_high"]) == \
+        pytest.approx((0.5 / 3 - half, 0.5 / 3 + half))
+    assert m[f"{key}/iou_scratch_mean"] == pytest.approx(np.mean(better))
+    assert m[f"{key}/degenerate"] == 1.0 and m["segment/shots_5/real_only/degenerate"] == 0.0
+    # against copy-paste, paired per seed: 0.05, -0.05, 0.2
+    vs = stats.paired_t_interval([0.05, -0.05, 0.2])
+    assert (m[f"{key}/pixel_ap_vs_copy_paste_mean"], m[f"{key}/pixel_ap_vs_copy_paste_ci_low"]) == \
+        pytest.approx(vs[:2])
+    assert not any(k.startswith("shots_") for k in m)
+
+
 # --------------------------------------------------------------------------- training
 
 def test_few_shot_caps_defects_not_normals():
@@ -266,21 +293,25 @@ def test_copy_paste_moves_the_masked_defect_onto_a_normal_image():
     defect[0][:, mask[0, 0] == 1] = 250
     images, masks = np.concatenate([normal, defect]), np.concatenate([np.zeros_like(mask), mask])
     labels = np.array([0, 1])
-    out, out_labels = copy_paste(images, masks, labels, per_class=6, seed=3, blend_sigma=0.0)
+    out, out_labels, out_masks = copy_paste(images, masks, labels, per_class=6, seed=3, blend_sigma=0.0)
     assert out.shape == (6, 3, res, res) and out_labels.tolist() == [1] * 6
-    for img in out:
+    assert out_masks.shape == (6, 1, res, res) and set(np.unique(out_masks)) <= {0, 1}
+    for img, pasted in zip(out, out_masks):
         bright = img[0] > 130
         # Bilinear rotation keeps the defect's area (32 px) up to edge pixels, and all of it inside.
         assert 20 <= bright.sum() <= 44
+        # The returned mask is where the defect landed: it covers the bright pixels, little else.
+        iou = (bright & (pasted[0] == 1)).sum() / (bright | (pasted[0] == 1)).sum()
+        assert iou > 0.7
         # Hard cut: only the defect's footprint changes; the rest is the normal image itself.
         assert (img[0] == 10).sum() >= res * res - 70
     positions = {tuple(np.argwhere(img[0] > 130).mean(axis=0).round()) for img in out}
     assert len(positions) > 3                                        # random placement
-    blended, _ = copy_paste(images, masks, labels, per_class=1, seed=3, blend_sigma=1.5)
+    blended, _, _ = copy_paste(images, masks, labels, per_class=1, seed=3, blend_sigma=1.5)
     rim = (blended[0, 0] > 10) & (blended[0, 0] < 250)
     assert rim.sum() > 0                                            # a feathered rim, not a seam
-    again, _ = copy_paste(images, masks, labels, per_class=6, seed=3, blend_sigma=0.0)
-    assert np.array_equal(out, again)
+    again, _, again_masks = copy_paste(images, masks, labels, per_class=6, seed=3, blend_sigma=0.0)
+    assert np.array_equal(out, again) and np.array_equal(out_masks, again_masks)
 
 
 def test_copy_paste_skips_classes_without_masks():
@@ -289,8 +320,8 @@ def test_copy_paste_skips_classes_without_masks():
     masks[1, 0, 5:9, 5:9] = 1
     labels = np.array([0, 1, 2])
     assert classes_without_masks(masks, labels, 3) == [2]
-    out, out_labels = copy_paste(images, masks, labels, per_class=2, seed=0)
-    assert out_labels.tolist() == [1, 1]
+    out, out_labels, out_masks = copy_paste(images, masks, labels, per_class=2, seed=0)
+    assert out_labels.tolist() == [1, 1] and len(out_masks) == 2
 
 
 # --------------------------------------------------------------------------- the comparison end to end
@@ -304,6 +335,9 @@ def test_downstream_end_to_end(tmp_path, tracking_calls):
     (out / "evaluate").mkdir(parents=True)
     (out / "evaluate" / "table.md").write_text("# Synthetic data evaluation\n\n| model | swd |\n|---|---:|\n"
                                                "| stargan | 12.5 |\n")
+    (out / "evaluate" / "metrics.json").write_text(json.dumps({"models": {
+        "stargan": {"overall": {"c2st": 0.91, "c2st_worse_than_do_nothing": True}},
+        "do_nothing": {"overall": {"c2st": 0.8}}, "noise": {"overall": {"c2st": 1.0}}}}))
     params = DownstreamParams(**TINY)
     metrics = run_downstream(params, prepared, syn, out, ["stargan", "cyclegan", "progan"])
 
@@ -322,7 +356,8 @@ def test_downstream_end_to_end(tmp_path, tracking_calls):
                 assert low <= saved[f"shots_{s}/{c}/{m}_delta_mean"] <= high
             assert saved[f"shots_{s}/{c}/degenerate"] in (0.0, 1.0)
         assert saved[f"shots_{s}/real_only/macro_f1_delta_mean"] == 0.0
-    assert not any("cyclegan" in k or "progan" in k for k in saved)
+    # cyclegan's samples carry no class: no classifier condition (the segmenter uses them, below)
+    assert not any(("cyclegan" in k and not k.startswith("segment/")) or "progan" in k for k in saved)
     assert saved["shots_2/real_synth_stargan/n_train"] == saved["shots_2/real_only/n_train"] + 8
     assert saved["shots_2/real_copy_paste/n_train"] == saved["shots_2/real_only/n_train"] + 8
     for source in ("real", "stargan"):                                   # CAS per class
@@ -337,14 +372,44 @@ def test_downstream_end_to_end(tmp_path, tracking_calls):
     assert any("cyclegan" in n and "defect" in n for n in runs["notes"])
     assert any("progan" in n for n in runs["notes"])
 
+    # The segmenter: same protocol, its own conditions (DRAEM; a "defect"-only set with masks counts)
+    seg_conditions = ["real_only", "real_classical", "real_copy_paste", "real_draem", "real_synth_stargan",
+                      "real_synth_cyclegan"]
+    seg = [r for r in runs["runs"] if r["kind"] == "segment"]
+    assert len(seg) == 2 * 2 * len(seg_conditions)
+    for s in (2, 4):
+        for c in seg_conditions:
+            key = f"segment/shots_{s}/{c}"
+            for m in ("pixel_ap", "pixel_f1", "image_auroc", "iou_scratch", "iou_spot"):
+                assert 0.0 <= saved[f"{key}/{m}_mean"] <= 1.0
+            low, high = saved[f"{key}/pixel_ap_delta_ci_low"], saved[f"{key}/pixel_ap_delta_ci_high"]
+            assert low <= saved[f"{key}/pixel_ap_delta_mean"] <= high
+        # paired against copy-paste, per seed, like every other comparison
+        assert (saved[f"segment/shots_{s}/real_synth_stargan/pixel_ap_vs_copy_paste_ci_low"]
+                <= saved[f"segment/shots_{s}/real_synth_stargan/pixel_ap_vs_copy_paste_mean"])
+    by = {(r["shots"], r["seed"], r["condition"]): r for r in seg}
+    # every segmenter of one (shots, seed) sees the same real images with their masks: 8 normals + shots per class
+    assert all(r["n_real"] == 8 + 2 * r["shots"] for r in seg)
+    assert by[2, 0, "real_draem"]["n_train"] == by[2, 0, "real_only"]["n_train"] + 8      # 4 per defect class
+    assert by[2, 0, "real_synth_cyclegan"]["n_train"] == by[2, 0, "real_only"]["n_train"] + 6   # all it has
+
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
-    assert {"balanced_accuracy_vs_shots.png", "macro_f1_vs_shots.png", "delta_vs_real_only.png"} <= set(pngs)
-    assert "confusion_shots_2_real_copy_paste.png" in pngs and len(pngs) == 3 + 2 * 5
+    assert {"balanced_accuracy_vs_shots.png", "macro_f1_vs_shots.png", "delta_vs_real_only.png",
+            "segmenter_pixel_ap_vs_shots.png", "segmenter_delta_vs_real_only.png"} <= set(pngs)
+    assert "confusion_shots_2_real_copy_paste.png" in pngs and len(pngs) == 3 + 2 * 5 + 4
     for name in pngs:
         with Image.open(out / "plots" / name) as img:
             assert img.format == "PNG" and img.width > 50
 
     md = (out / "summary.md").read_text()
+    # It opens with the verdict: one table per task, and a sentence against copy-paste
+    assert md.startswith("# Does synthetic data help? The verdict")
+    top = md.split("# Downstream defect classifier")[0]
+    assert "**Classification** (macro-F1" in top and "**Segmentation** (pixel AP" in top
+    assert "copy-paste at 2 shots" in top and "| real_draem |" in top
+    assert "stargan 0.91, do_nothing 0.80, noise 1.00" in top and "Worse than doing nothing: stargan." in top
+    assert f"{saved['segment/shots_4/real_synth_stargan/pixel_ap_delta_mean']:+.3f}" in top
+    assert "# Downstream defect segmenter" in md and "## Pixel AP" in md and "## Segmenter: IoU per defect class" in md
     assert "## Balanced accuracy" in md and "## Macro-F1" in md and "## Accuracy" in md and "## Per-class recall" in md
     assert "## Paired difference vs real_only (mean [95% t interval])" in md
     ci = saved["shots_4/real_synth_stargan/macro_f1_delta_ci_low"]
@@ -380,6 +445,7 @@ def test_no_masks_means_no_copy_paste_and_the_report_says_so(tmp_path):
     assert not any("copy_paste" in k for k in metrics)
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "copy-paste needs defect masks" in md and "one seed: no interval" in md
+    assert "segmenter needs defect images with pixel masks" in md and not any(k.startswith("segment/") for k in metrics)
 
 
 def test_defect_only_samples_count_as_the_one_defect_class():

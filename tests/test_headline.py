@@ -14,6 +14,7 @@ import pytest
 from pipeline import headline
 
 FAMILIES = ["progan", "pix2pix", "cyclegan", "stargan", "defectgan"]
+EVALUATE_REFERENCE_ROWS = ["do_nothing", "noise", "real_vs_real"]
 CONDITIONS = ["real_only", "real_classical", "real_copy_paste"] + [
     f"real_synth_{m}{suffix}" for m in FAMILIES for suffix in ("", "_classical")]
 
@@ -21,18 +22,22 @@ CONDITIONS = ["real_only", "real_classical", "real_copy_paste"] + [
 def test_train_headline_keeps_kimg_rate_and_the_two_totals():
     last_tick = {"D/loss": 0.123456, "G/loss": 12.34567, "kimg": 0.6, "img_per_s": 95.4321,
                  "D/adv": 1.0, "lr/G": 1e-4, "progress/alpha": 0.5}
-    assert headline.train_headline(last_tick) == {"kimg": 0.6, "img_per_s": 95.43, "D_loss": 0.1235, "G_loss": 12.35}
+    assert headline.train_headline(last_tick) == {"kimg": 0.6, "D_loss": 0.1235, "G_loss": 12.35}
 
 
 def test_evaluate_headline_keeps_the_overall_headline_metrics_that_were_computed():
-    metrics = {"metrics": ["swd", "kid_domain", "mmd_domain", "duplicate_rate"],
+    metrics = {"metrics": ["swd", "kid_domain", "mmd_domain", "duplicate_rate", "c2st"],
                "models": {"defectgan": {"overall": {"swd": 220.8379, "swd_16px": 250.3, "kid_domain": 14.1235,
-                                                    "kid_domain_std": 1.27, "mmd_domain": 0.98,
+                                                    "kid_domain_std": 1.27, "mmd_domain": 0.98, "c2st": 0.6041667,
+                                                    "c2st_std": 0.03, "c2st_worse_than_do_nothing": False,
                                                     "duplicate_rate": None, "n_real": 48}},
-                          "cyclegan": {"overall": {"swd": 758.88, "kid_domain": 0.8077, "duplicate_rate": 0.0}}}}
+                          "cyclegan": {"overall": {"swd": 758.88, "kid_domain": 0.8077, "duplicate_rate": 0.0}},
+                          "real_vs_real": {"overall": {"swd": 50.0, "c2st": 0.5}}}}
+    # kid_domain (fid_domain's feature space again) and every std, detail and flag stay in metrics.json.
     assert headline.evaluate_headline(metrics) == {
-        "defectgan": {"swd": 220.8, "kid_domain": 14.12},                     # null duplicate_rate left out
-        "cyclegan": {"swd": 758.9, "kid_domain": 0.8077, "duplicate_rate": 0.0}}
+        "defectgan": {"swd": 220.8, "c2st": 0.6042},                          # null duplicate_rate left out
+        "cyclegan": {"swd": 758.9, "duplicate_rate": 0.0},
+        "real_vs_real": {"swd": 50.0, "c2st": 0.5}}
 
 
 def test_downstream_headline_reads_the_paired_differences():
@@ -88,10 +93,11 @@ def _full_dag_headlines(root: Path) -> None:
         headline.write_train(root / "metrics" / "train" / f"{family}.json",
                              {"kimg": 1.2, "img_per_s": 422.57215 + i, "D/loss": -1.94549, "G/loss": 15.69211})
     headline.write_evaluate(root / "metrics" / "evaluate", {
-        "metrics": ["swd", "kid_domain", "fid_domain", "mmd_domain", "duplicate_rate", "mask_in_region"],
+        "metrics": ["swd", "kid_domain", "fid_domain", "mmd_domain", "duplicate_rate", "mask_in_region", "c2st"],
         "models": {m: {"overall": {"swd": 1225.74168, "kid_domain": 123.79673, "fid_domain": 215.38536,
-                                   "mmd_domain": 0.98, "duplicate_rate": 0.95833, "mask_in_region": 0.139}}
-                   for m in FAMILIES}})
+                                   "mmd_domain": 0.98, "duplicate_rate": 0.95833, "mask_in_region": 0.139,
+                                   "c2st": 0.7152778, "c2st_std": 0.0123, "c2st_worse_than_do_nothing": True}}
+                   for m in FAMILIES + EVALUATE_REFERENCE_ROWS}})
     flat = {}
     for shots in (5, 20):
         for c in CONDITIONS:
@@ -101,6 +107,13 @@ def _full_dag_headlines(root: Path) -> None:
                              f"shots_{shots}/{c}/macro_f1_delta_ci_low": -0.204545,
                              f"shots_{shots}/{c}/macro_f1_delta_ci_high": -0.004545,
                              f"shots_{shots}/{c}/degenerate": 1.0})
+            if not c.endswith("_classical"):                     # the segmenter's conditions
+                d = "real_draem" if c == "real_classical" else c
+                flat[f"segment/shots_{shots}/{d}/pixel_ap_mean"] = 0.123456
+                if c != "real_only":
+                    flat.update({f"segment/shots_{shots}/{d}/pixel_ap_delta_mean": -0.104545,
+                                 f"segment/shots_{shots}/{d}/pixel_ap_delta_ci_low": -0.204545,
+                                 f"segment/shots_{shots}/{d}/pixel_ap_delta_ci_high": -0.004545})
     headline.write_downstream(root / "metrics" / "downstream", flat)
 
 
@@ -115,7 +128,8 @@ def test_dvc_metrics_show_fits_200_columns(tmp_path):
                           timeout=120)
     assert show.returncode == 0, show.stderr
     lines = show.stdout.splitlines()
-    assert len(lines) == 1 + 5 + 5 + 2 * len(CONDITIONS)          # header + one row per headline file
+    segment_rows = 2 * len([c for c in CONDITIONS if not c.endswith("_classical")])
+    assert len(lines) == 1 + 5 + 5 + 3 + 2 * len(CONDITIONS) + segment_rows   # header + one row per headline file
     assert max(map(len, lines)) <= 200, max(lines, key=len)
-    assert lines[0].split() == ["Path", "D_loss", "G_loss", "ci_high", "ci_low", "delta", "duplicate_rate",
-                                "fid_domain", "img_per_s", "kid_domain", "kimg", "macro_f1", "swd"]
+    assert lines[0].split() == ["Path", "D_loss", "G_loss", "c2st", "ci_high", "ci_low", "delta", "duplicate_rate",
+                                "fid_domain", "kimg", "macro_f1", "pixel_ap", "swd"]

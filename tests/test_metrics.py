@@ -433,7 +433,12 @@ def test_run_evaluate_end_to_end(tmp_path, tracking_calls):
     result = run_evaluate(params, prepared, syn, out, ["stargan", "cyclegan", "progan"])
 
     saved = json.loads((out / "metrics.json").read_text())
-    assert set(saved["models"]) == {"stargan", "cyclegan"}
+    assert set(saved["models"]) == {"stargan", "cyclegan", "noise", "real_vs_real"}
+    # Reference rows: overall only, against real defect images (14 in test+val: 7 per class).
+    noise, halves = saved["models"]["noise"], saved["models"]["real_vs_real"]
+    assert (noise["overall"]["n_real"], noise["overall"]["n_fake"]) == (14, 12)      # as many as the largest set
+    assert (halves["overall"]["n_real"], halves["overall"]["n_fake"]) == (8, 6)      # 4 + 3 per class
+    assert "per_class" not in noise and "per_class" not in halves
     assert any("progan" in n and "skipped" in n for n in saved["notes"])
     ov = saved["models"]["stargan"]["overall"]
     for key in ("swd", "swd_16px", "kid_domain", "kid_domain_std", "fid_domain", "mmd_domain",
@@ -543,14 +548,14 @@ def test_do_nothing_baseline_is_the_unmodified_inputs_and_real_defects_beat_it(t
     params = EvaluateParams(metrics=["fid_domain", "mask_in_region"], feature_epochs=2, feature_min_steps=30,
                             per_class_tables=False)
     res = run_evaluate(params, prepared, tmp_path / "syn", tmp_path / "out", ["defectgan"])
-    assert set(res["models"]) == {"defectgan", DO_NOTHING}
+    assert set(res["models"]) == {"defectgan", DO_NOTHING, "noise", "real_vs_real"}
     ours, nothing = res["models"]["defectgan"]["overall"], res["models"][DO_NOTHING]["overall"]
     assert nothing["n_fake"] == len(rows) and np.isnan(nothing["mask_in_region"])
     assert ours["fid_domain"] < nothing["fid_domain"]
     assert any("defectgan's" in n for n in res["notes"])
 
     off = EvaluateParams(metrics=["fid_domain"], feature_epochs=2, feature_min_steps=30, per_class_tables=False,
-                         do_nothing_baseline=False)
+                         do_nothing_baseline=False, reference_rows=False)
     assert set(run_evaluate(off, prepared, tmp_path / "syn", tmp_path / "out2", ["defectgan"])["models"]) == {"defectgan"}
 
 

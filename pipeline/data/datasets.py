@@ -1,6 +1,6 @@
 """Torch views of a prepared dataset (images.parquet, paired.parquet, classes.json).
 
-    read_classes(dir) -> {"classes": [...], "resolution": R, "channels": C, "schema_version": 1}
+    read_classes(dir) -> {"classes": [...], "resolution": R, "channels": C, "schema_version": 1 or 2 (patches)}
     decode_images(dir, split="train", shard=(rank, world)) -> {"image": uint8 (N,C,H,W),
                                                               "mask": uint8 (N,1,H,W) 0/1, "label": int64 (N,)}
     decode_pairs(dir, split="train", shard=(0, 1)) -> {"a", "b": uint8 (N,C,H,W), "mask", "label"}

@@ -255,10 +255,7 @@ def load_mask(path: Path, threshold: int, resolution: int, resize: str,
     caller tell an all-zero file, a 0/1 label mask under the threshold and a defect too small to
     survive the resize apart."""
     img = open_image(path, notes)
-    if img.size != tuple(expect_size):
-        raise BadInput(path, f"mask is {img.width}x{img.height} but its image {image_path} is "
-                             f"{expect_size[0]}x{expect_size[1]} (both as displayed, EXIF orientation applied)",
-                       "re-export the mask at the image's size, drawn on the image as viewers show it")
+    _check_mask_size(img, path, expect_size, image_path)
     strength = mask_strength(img)
     binary = strength > threshold
     fitted = fit(Image.fromarray(binary.astype(np.uint8) * 255), resolution, resize, is_mask=True)
@@ -291,3 +288,46 @@ def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> HxW (L) or HxWx3 uint8 array."""
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img).copy()
+
+
+# --------------------------------------------------------------------------- native scale (patch mode)
+
+def load_image_native(path: Path, channels: int, notes: Optional[Counter] = None) -> np.ndarray:
+    """HxWxC uint8 array of `path` at its own size, as displayed, in the target mode."""
+    return image_array(to_channels(open_image(path, notes), channels, notes))
+
+
+def load_binary_mask_native(path: Path, threshold: int, expect_size: tuple[int, int], image_path: Path | str,
+                            notes: Optional[Counter] = None) -> tuple[np.ndarray, int]:
+    """(HxW uint8 0/1 mask at the image's own size, largest mask value): `load_mask` without the resize."""
+    img = open_image(path, notes)
+    _check_mask_size(img, path, expect_size, image_path)
+    strength = mask_strength(img)
+    return (strength > threshold).astype(np.uint8), int(strength.max()) if strength.size else 0
+
+
+def _check_mask_size(img: Image.Image, path: Path, expect_size: tuple[int, int], image_path: Path | str) -> None:
+    if img.size != tuple(expect_size):
+        raise BadInput(path, f"mask is {img.width}x{img.height} but its image {image_path} is "
+                             f"{expect_size[0]}x{expect_size[1]} (both as displayed, EXIF orientation applied)",
+                       "re-export the mask at the image's size, drawn on the image as viewers show it")
+
+
+def load_index_mask(path: Path, expect_size: tuple[int, int], image_path: Path | str,
+                    notes: Optional[Counter] = None) -> np.ndarray:
+    """HxW uint8 class-index mask (0 background, k = class k) at the image's own size.
+
+    One value per pixel: modes L, P (the palette index, as VOC-style masks store it), 1, and
+    16-bit files holding values up to 255. A colour or transparent mask has no one index per
+    pixel and is a bad file."""
+    img = open_image(path, notes)
+    _check_mask_size(img, path, expect_size, image_path)
+    if img.mode in ("L", "P", "1") or img.mode in _SIXTEEN_BIT or img.mode == "I":
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise BadInput(path, f"class-index mask holds values up to {int(values.max())}; indices are 0..255",
+                           "save the mask as an 8-bit PNG of class indices")
+        return values.astype(np.uint8)
+    raise BadInput(path, f"is a {img.mode} image, not a class-index mask (one channel: 0 background, "
+                         "1, 2, ... the classes of prepare.segmentation.class_names)",
+                   "save the mask as an 8-bit single-channel (L or palette) PNG of class indices")

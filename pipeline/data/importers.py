@@ -63,6 +63,19 @@ class LoadedImage:
     image: np.ndarray          # HxWxC uint8
     mask: np.ndarray           # HxW uint8 0/1
     has_mask: bool
+    label: Optional[str] = None   # the image's class when only its mask tells (segmentation); None: item.label
+
+
+@dataclass
+class NativeImage:
+    """One image at its own size, for patch mode (`prepare.resize: patches`, pipeline/data/patches.py)."""
+
+    image: np.ndarray          # HxWxC uint8, as displayed
+    mask: np.ndarray           # HxW uint8: 0 background, > 0 defect (a class index where `classes` is set)
+    classes: Optional[dict[int, str]]   # mask value -> class name; None: every defect pixel is of `label`
+    has_mask: bool             # false: the mask is unknown (no file, or it marks nothing)
+    label: str                 # the image's class (normal, or its defect class)
+    why_no_mask: str = ""      # when has_mask is false: why, for stats.json
 
 
 @dataclass
@@ -94,11 +107,17 @@ class FileImage(ImageItem):
     masks_required: bool = False
     mask_hint: str = ""                # where the mask was looked for (for messages)
 
-    def load(self, ctx: Ctx) -> LoadedImage:
-        if self.mask_mode == "file" and self.mask_path is None and self.masks_required:
+    def _require_mask(self) -> None:
+        if self.mode_needs_mask() and self.masks_required:
             raise BadInput(self.path, f"has no mask (looked for {self.mask_hint})",
                            "add the mask file, fix prepare.folder.mask_pattern, or set "
                            "prepare.folder.masks_required: false")
+
+    def mode_needs_mask(self) -> bool:
+        return self.mask_mode == "file" and self.mask_path is None
+
+    def load(self, ctx: Ctx) -> LoadedImage:
+        self._require_mask()
         image, size = im.load_image(self.path, ctx.channels, ctx.resolution, ctx.resize, ctx.notes)
         zero = np.zeros((ctx.resolution, ctx.resolution), np.uint8)
         if self.mask_mode == "empty":
@@ -108,6 +127,25 @@ class FileImage(ImageItem):
         loaded = im.load_mask(self.mask_path, ctx.mask_threshold, ctx.resolution, ctx.resize, size, self.path,
                               ctx.notes)
         return LoadedImage(image, *ctx.checked_mask(loaded, self.mask_path))
+
+    def load_native(self, ctx: Ctx) -> NativeImage:
+        """The image and its 0/1 mask at the file's own size (patch mode)."""
+        self._require_mask()
+        image = im.load_image_native(self.path, ctx.channels, ctx.notes)
+        height, width = image.shape[:2]
+        zero = np.zeros((height, width), np.uint8)
+        if self.mask_mode == "empty":
+            return NativeImage(image, zero, None, True, self.label)
+        if self.mask_path is None:
+            return NativeImage(image, zero, None, False, self.label, f"has no mask (looked for {self.mask_hint})")
+        mask, max_value = im.load_binary_mask_native(self.mask_path, ctx.mask_threshold, (width, height),
+                                                     self.path, ctx.notes)
+        if mask.any():
+            return NativeImage(image, mask, None, True, self.label)
+        why = (f"its mask {self.mask_path} has no value above prepare.mask_threshold ({ctx.mask_threshold}); a 0/1 "
+               "label mask needs prepare.mask_threshold: 0" if max_value else
+               f"its mask {self.mask_path} is all zero, it marks no defect")
+        return NativeImage(image, mask, None, False, self.label, why)
 
 
 @dataclass
@@ -946,6 +984,12 @@ def collect_elpv(p) -> Collected:
     return col
 
 
+def _collect_segmentation(p) -> Collected:
+    from pipeline.data.segmentation import collect_segmentation   # its own module, built on these items
+
+    return collect_segmentation(p)
+
+
 COLLECTORS = {
     "synthetic": collect_synthetic,
     "folder": collect_folder,
@@ -953,6 +997,7 @@ COLLECTORS = {
     "cyclegan": collect_cyclegan,
     "paired": collect_paired,
     "elpv": collect_elpv,
+    "segmentation": _collect_segmentation,
 }
 
 

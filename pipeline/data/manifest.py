@@ -1,7 +1,8 @@
 """The prepared dataset's on-disk contract: Parquet schemas, writing and reading.
 
-See pipeline/data/SCHEMA.md for the documented layout. Bump SCHEMA_VERSION on any
-incompatible change; readers refuse other versions with a clear message.
+See pipeline/data/SCHEMA.md for the documented layout. Version 1: whole images; version 2:
+patches (version 1 + PATCH_COLUMNS). Bump on any incompatible change; readers refuse versions
+outside READABLE_VERSIONS with a clear message.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1          # whole-image datasets (prepare.resize crop / stretch): unchanged since version 1
+PATCH_SCHEMA_VERSION = 2    # patch datasets (prepare.resize: patches): version 1 + the PATCH_COLUMNS
+READABLE_VERSIONS = (SCHEMA_VERSION, PATCH_SCHEMA_VERSION)
 SPLITS = ("train", "val", "test")
 IMAGES_FILE = "images.parquet"
 PAIRED_FILE = "paired.parquet"
@@ -62,6 +65,22 @@ PAIRED_SCHEMA = pa.schema([
     pa.field("content_hash", pa.string(), nullable=False),
 ], metadata=_META)
 
+# A patch's link to its source image (patch datasets only; SCHEMA.md "Patch columns").
+PATCH_COLUMNS = [
+    pa.field("source_image", pa.string(), nullable=False),
+    pa.field("patch_x", pa.int32(), nullable=False),
+    pa.field("patch_y", pa.int32(), nullable=False),
+    pa.field("scale", pa.float64(), nullable=False),
+]
+
+
+def _versioned(schema: pa.Schema, version: int) -> pa.Schema:
+    return schema.with_metadata({b"schema_version": str(version).encode()})
+
+
+PATCH_IMAGES_SCHEMA = _versioned(pa.schema(list(IMAGES_SCHEMA) + PATCH_COLUMNS), PATCH_SCHEMA_VERSION)
+PATCH_PAIRED_SCHEMA = _versioned(PAIRED_SCHEMA, PATCH_SCHEMA_VERSION)
+
 _BINARY = {"image_png", "mask_png", "a_png", "b_png"}
 
 
@@ -93,16 +112,17 @@ def _check_dir(prepared_dir: Path) -> Path:
 
 
 def read_classes(prepared_dir: Path) -> dict:
-    """classes.json contents: {"classes": [...], "resolution": R, "channels": C, "schema_version": 1}."""
+    """classes.json contents: {"classes": [...], "resolution": R, "channels": C, "schema_version": 1 or 2}
+    (2: a patch dataset, whose images.parquet has the PATCH_COLUMNS too)."""
     prepared_dir = _check_dir(prepared_dir)
     try:
         info = json.loads((prepared_dir / CLASSES_FILE).read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{prepared_dir / CLASSES_FILE} is unreadable ({err}). Re-run `pipeline prepare`.") from None
     version = info.get("schema_version") if isinstance(info, dict) else None
-    if version != SCHEMA_VERSION:
-        raise DataError(f"{prepared_dir} has schema_version {version!r}; this code reads version "
-                        f"{SCHEMA_VERSION}. Re-run `pipeline prepare --out {prepared_dir}`.")
+    if version not in READABLE_VERSIONS:
+        raise DataError(f"{prepared_dir} has schema_version {version!r}; this code reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}. Re-run `pipeline prepare --out {prepared_dir}`.")
     return info
 
 
@@ -117,9 +137,10 @@ def read_table(prepared_dir: Path, name: str = IMAGES_FILE, split: Optional[str]
         raise DataError(f"{path} is missing. Re-run `pipeline prepare --out {prepared_dir}`.")
     try:
         meta = pq.read_schema(path).metadata or {}
-        if meta.get(b"schema_version") != str(SCHEMA_VERSION).encode():
-            raise DataError(f"{path} has schema_version {meta.get(b'schema_version')!r}, expected "
-                            f"{SCHEMA_VERSION}. Re-run `pipeline prepare --out {prepared_dir}`.")
+        if meta.get(b"schema_version") not in {str(v).encode() for v in READABLE_VERSIONS}:
+            raise DataError(f"{path} has schema_version {meta.get(b'schema_version')!r}, expected one of "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}. "
+                            f"Re-run `pipeline prepare --out {prepared_dir}`.")
         filters = [("split", "=", split)] if split is not None else None
         return pq.read_table(path, columns=list(columns) if columns else None, filters=filters)
     except DataError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
@@ -140,7 +141,8 @@ def run_prepare(params, out_dir: Path, *, quiet: bool = False) -> dict:
         return {**stats, "elapsed_s": elapsed, "out_dir": str(out_dir)}
     con = _console()
     im, pr = stats["images"], stats["paired"]
-    con.print(f"prepared {im['total']} images ({', '.join(f'{s} {n}' for s, n in im['by_split'].items())}) and "
+    what = "patches" if "patches" in stats else "images"
+    con.print(f"prepared {im['total']} {what} ({', '.join(f'{s} {n}' for s, n in im['by_split'].items())}) and "
               f"{pr['total']} pairs, {len(stats['classes'])} classes ({', '.join(stats['classes'])}), "
               f"{stats['resolution']} px x {stats['channels']} ch -> {out_dir} in {elapsed:.1f} s")
     if stats["skipped_count"]:
@@ -195,6 +197,8 @@ def _prepare_into(p, tmp: Path) -> dict:
 
     for err in col.problems:
         bad(err)
+    if p.resize == "patches":
+        return _prepare_patches(p, tmp, col, ctx, classes, label_idx, skipped, bad)
 
     res, ch = p.resolution, p.channels
     image_rows: list[dict] = []
@@ -214,7 +218,7 @@ def _prepare_into(p, tmp: Path) -> dict:
         except BadInput as err:
             bad(err, item.label)
             continue
-        row = image_row(item.id, item.label, loaded.image, loaded.mask, loaded.has_mask,
+        row = image_row(item.id, loaded.label or item.label, loaded.image, loaded.mask, loaded.has_mask,
                         item.source_path, item.source_id)
         row[_FILE] = str(getattr(item, "path", "") or item.source_path)
         image_rows.append(row)
@@ -248,12 +252,62 @@ def _prepare_into(p, tmp: Path) -> dict:
     for cls in col.classes:
         if not have[cls]:
             reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+            if p.source == "segmentation" and not reasons:
+                raise DataError(f"class '{cls}' of prepare.segmentation.class_names is never the class with the "
+                                "most pixels in an image, so no whole-image row has it (an image takes its "
+                                "majority class). Set prepare.resize: patches (each defect component takes its "
+                                "own class), or remove the class from prepare.segmentation.class_names.")
             raise DataError(f"class '{cls}' has no usable images" + (f" (skipped: {reasons})" if reasons else "")
                             + ". Fix or replace its files.")
     if not image_rows and not pair_rows:
         raise DataError(f"source '{p.source}' produced no usable images. See the files listed above.")
 
-    # ---- groups: same source id, or byte-identical content, stay together
+    groups = _split(p, image_rows, pair_rows, label_idx, skipped)
+    for r in image_rows + pair_rows:
+        r["split"] = groups.split_of(r)
+    # Unpaired pools: defect images, and normal images whose source has no defect image.
+    for r in image_rows:
+        r["unpaired_pool"] = r["label"] != NORMAL or groups.stratum_of(r) == NORMAL
+    pseudo = _add_pseudo_masks(image_rows, p.pseudo_masks)
+    order = {s: i for i, s in enumerate(SPLITS)}
+    image_rows.sort(key=lambda r: (order[r["split"]], r["label_idx"], r["id"]))
+    pair_rows.sort(key=lambda r: (order[r["split"]], r["label_idx"], r["id"]))
+
+    notes = _notes(col, ctx, groups.duplicates)
+    excluded = sum(1 for r in image_rows if r["label"] == NORMAL and not r["unpaired_pool"])
+    if excluded:
+        notes.append(f"{excluded} normal image(s) share a source with a defect image and are left out of the "
+                     "unpaired normal pool (unpaired_pool false)")
+    if pseudo:
+        notes.append(f"{pseudo['masked']} defect image(s) without a mask got a pseudo-mask "
+                     f"(prepare.pseudo_masks.method {pseudo['method']}); {pseudo['empty']} came out empty "
+                     "and stay unknown (has_mask false)")
+    from pipeline.data.preview import make_preview
+
+    return _write(p, tmp, col, classes, image_rows, pair_rows, skipped, notes, pseudo, mf.SCHEMA_VERSION,
+                  (mf.IMAGES_SCHEMA, mf.PAIRED_SCHEMA), {},
+                  lambda path: make_preview(image_rows, pair_rows, classes, path))
+
+
+# --------------------------------------------------------------------------- shared steps
+
+class _Groups:
+    """The split of every group of rows (rows sharing a source id or byte-identical content)."""
+
+    def __init__(self, uf: UnionFind, strata: dict[str, str], split_of: dict[str, str], duplicates: int):
+        self.uf, self.strata, self._split_of, self.duplicates = uf, strata, split_of, duplicates
+
+    def split_of(self, row: dict) -> str:
+        return self._split_of[self.uf.find(row["source_id"])]
+
+    def stratum_of(self, row: dict) -> str:
+        return self.strata[self.uf.find(row["source_id"])]
+
+
+def _split(p, image_rows: list[dict], pair_rows: list[dict], label_idx: dict[str, int],
+           skipped: list[dict]) -> _Groups:
+    """Group rows (same source id, or byte-identical content: `content_hash`), stratify each group
+    by its most common defect class, and split the groups (pipeline/data/split.py)."""
     uf = UnionFind()
     for r in image_rows + pair_rows:
         uf.find(r["source_id"])
@@ -299,22 +353,10 @@ def _prepare_into(p, tmp: Path) -> dict:
     fractions = {"train": p.split.train, "val": p.split.val, "test": p.split.test}
     lenient = frozenset(s for s in strata.values() if s.startswith("paired:"))
     split_of = assign_splits(strata, per_stratum, fractions, p.seed, what, lenient=lenient)
+    return _Groups(uf, strata, split_of, duplicates)
 
-    for r in image_rows + pair_rows:
-        r["split"] = split_of[uf.find(r["source_id"])]
-    # Unpaired pools: defect images, and normal images whose source has no defect image.
-    for r in image_rows:
-        r["unpaired_pool"] = r["label"] != NORMAL or strata[uf.find(r["source_id"])] == NORMAL
-    pseudo = _add_pseudo_masks(image_rows, p.pseudo_masks)
-    order = {s: i for i, s in enumerate(SPLITS)}
-    image_rows.sort(key=lambda r: (order[r["split"]], r["label_idx"], r["id"]))
-    pair_rows.sort(key=lambda r: (order[r["split"]], r["label_idx"], r["id"]))
 
-    # ---- write
-    mf.write_table(image_rows, mf.IMAGES_SCHEMA, tmp / mf.IMAGES_FILE)
-    mf.write_table(pair_rows, mf.PAIRED_SCHEMA, tmp / mf.PAIRED_FILE)
-    mf.write_json(tmp / mf.CLASSES_FILE, {"classes": classes, "resolution": res, "channels": ch,
-                                          "schema_version": mf.SCHEMA_VERSION})
+def _notes(col: Collected, ctx: Ctx, duplicates: int) -> list[str]:
     notes = list(col.notes)
     for what_, n in sorted(ctx.notes.items()):
         shown = getattr(ctx.notes, "examples", {}).get(what_)
@@ -323,36 +365,168 @@ def _prepare_into(p, tmp: Path) -> dict:
     if duplicates:
         notes.append(f"{duplicates} image(s) byte-identical to another image after conversion: kept in the "
                      "same split as their duplicate")
-    excluded = sum(1 for r in image_rows if r["label"] == NORMAL and not r["unpaired_pool"])
-    if excluded:
-        notes.append(f"{excluded} normal image(s) share a source with a defect image and are left out of the "
-                     "unpaired normal pool (unpaired_pool false)")
-    if pseudo:
-        notes.append(f"{pseudo['masked']} defect image(s) without a mask got a pseudo-mask "
-                     f"(prepare.pseudo_masks.method {pseudo['method']}); {pseudo['empty']} came out empty "
-                     "and stay unknown (has_mask false)")
+    return notes
+
+
+def _write(p, tmp: Path, col: Collected, classes: list[str], image_rows: list[dict], pair_rows: list[dict],
+           skipped: list[dict], notes: list[str], pseudo: dict | None, version: int, schemas: tuple,
+           extra: dict, preview) -> dict:
+    """Write the tables, classes.json, stats.json (+ `extra` keys) and the preview; return the stats."""
+    mf.write_table(image_rows, schemas[0], tmp / mf.IMAGES_FILE)
+    mf.write_table(pair_rows, schemas[1], tmp / mf.PAIRED_FILE)
+    mf.write_json(tmp / mf.CLASSES_FILE, {"classes": classes, "resolution": p.resolution, "channels": p.channels,
+                                          "schema_version": version})
     if skipped:
         notes.append(f"{len(skipped)} file(s) skipped (prepare.strict is false); see 'skipped'")
     images_stats = _counts(image_rows, classes)
     images_stats["unpaired_normal_pool"] = sum(1 for r in image_rows if r["label"] == NORMAL and r["unpaired_pool"])
     images_stats["unpaired_defect_pool"] = sum(1 for r in image_rows if r["label"] != NORMAL)
     stats = {
-        "schema_version": mf.SCHEMA_VERSION,
+        "schema_version": version,
         "source": p.source,
         "source_root": col.root,
-        "resolution": res,
-        "channels": ch,
+        "resolution": p.resolution,
+        "channels": p.channels,
         "seed": p.seed,
         "classes": classes,
         "images": images_stats,
         "paired": _counts(pair_rows, classes),
+        **extra,
         "pseudo_masks": pseudo,
         "skipped_count": len(skipped),
         "skipped": skipped,
         "notes": notes,
     }
     mf.write_json(tmp / mf.STATS_FILE, stats)
-    from pipeline.data.preview import make_preview
-
-    make_preview(image_rows, pair_rows, classes, tmp / mf.PREVIEW_FILE)
+    preview(tmp / mf.PREVIEW_FILE)
     return stats
+
+
+# --------------------------------------------------------------------------- patch mode
+
+_SOURCE_LABEL = "_source_label"   # patch rows: the class of the image the patch was cut from
+
+
+def _prepare_patches(p, tmp: Path, col: Collected, ctx: Ctx, classes: list[str], label_idx: dict[str, int],
+                     skipped: list[dict], bad) -> dict:
+    """`prepare.resize: patches`: rows are patches cut at native scale (pipeline/data/patches.py).
+
+    Pass 1 reads every image and mask and plans its candidate patches; the images are then
+    split (grouped by source, stratified by the image's class, as whole images are), the caps
+    pick among the candidates of each split, and pass 2 reads again only the images that keep a
+    patch and cuts them (memory holds one image at a time, whatever the dataset's size)."""
+    import numpy as np
+
+    from pipeline.data import patches as pt
+    from pipeline.data.preview import make_patch_preview, patch_tile, source_tile
+
+    pp, size = p.patches, p.resolution
+    read_ctx = ctx
+    if col.pairs:
+        raise DataError(f"prepare.resize is 'patches' but source '{p.source}' gives image pairs; patch mode "
+                        "cuts single images. Set prepare.resize: crop.")
+    records: list[dict] = []
+    for item in _progress(col.images, f"{p.source}: reading images"):
+        try:
+            native = item.load_native(ctx)
+        except BadInput as err:
+            bad(err, item.label or None)
+            continue
+        plan = pt.plan_image(native, pp, size, pt.image_rng(p.seed, item.id))
+        records.append({"item": item, "plan": plan, "label": native.label, "source_id": item.source_id,
+                        "content_hash": plan.content_hash, "has_mask": native.has_mask,
+                        _MARKS_DEFECT: bool(native.mask.any()), _FILE: str(getattr(item, "path", item.source_path))})
+    for err, label in _label_conflicts(records):
+        bad(err, label)
+    records = [r for r in records if not r.get(_CONFLICT)]
+    if not records:
+        raise DataError(f"source '{p.source}' produced no usable images. See the files listed above.")
+    without = [{"path": r[_FILE], "reason": r["plan"].why_no_defect_patch} for r in records
+               if r["label"] != NORMAL and not r["plan"].defect]
+    have = Counter(w.label for r in records for w in r["plan"].defect)
+    for cls in col.classes:
+        if not have[cls]:
+            why = "; ".join(f"{s['path']}: {s['reason']}" for s in (without + skipped)[:3])
+            raise DataError(f"class '{cls}' yields no defect patch" + (f" ({why})" if why else "")
+                            + ". Fix its masks or files, or remove the class.")
+
+    groups = _split(p, records, [], label_idx, skipped)
+    fractions = {"train": p.split.train, "val": p.split.val, "test": p.split.test}
+    for r in records:
+        r["split"] = groups.split_of(r)
+
+    # ---- caps: each (class, split) takes its share, one patch per source image in turn
+    candidates: dict[tuple[str, str], dict[str, list]] = {}
+    for r in records:
+        for w in r["plan"].defect + r["plan"].normal:
+            candidates.setdefault((w.label, r["split"]), {}).setdefault(r["item"].id, []).append((r["item"].id, w))
+    keep: dict[str, list] = {}
+    for (label, split), by_image in sorted(candidates.items()):
+        cap = pt.shares(pp.max_normal if label == NORMAL else pp.max_defect_per_class, fractions)[split]
+        rng = np.random.default_rng([p.seed, zlib.crc32(f"patches/{label}/{split}".encode())])
+        for image_id, w in pt.round_robin(by_image, cap, rng):
+            keep.setdefault(image_id, []).append(w)
+
+    # ---- pass 2: cut the kept patches (conversions were counted in pass 1)
+    ctx = Ctx(resolution=ctx.resolution, channels=ctx.channels, resize=ctx.resize, mask_threshold=ctx.mask_threshold)
+    res, ch = size, p.channels
+    rows: list[dict] = []
+    sources: list = []                           # preview tiles of a few source images with their patches
+    for r in _progress([r for r in records if r["item"].id in keep], f"{p.source}: cutting patches"):
+        item = r["item"]
+        windows = sorted(keep[item.id], key=lambda w: (w.label == NORMAL, w.y, w.x))
+        try:
+            cut, image, mask = pt.cut(item.load_native(ctx), windows, size, pp.scale)
+        except BadInput as err:                  # the file changed since pass 1
+            raise DataError(f"{err.path} could be read a moment ago but not now ({err.reason}); run prepare "
+                            "again once the files no longer change.") from None
+        for w, img, m in cut:
+            png = encode_png(img)
+            rows.append({"schema_version": mf.PATCH_SCHEMA_VERSION, "id": f"{item.id}#x{w.x}y{w.y}",
+                         "split": r["split"], "label": w.label, "label_idx": label_idx[w.label], "image_png": png,
+                         "mask_png": encode_mask_png(m), "has_mask": True, "unpaired_pool": True,
+                         "width": res, "height": res, "channels": ch, "source_path": item.source_path,
+                         "source_id": item.source_id, "content_hash": mf.sha256(png),
+                         "source_image": item.id, "patch_x": w.x, "patch_y": w.y, "scale": float(pp.scale),
+                         _SOURCE_LABEL: r["label"]})
+        # Preview: the first few source images that keep a defect and a normal patch.
+        if len(sources) < 8 and len({w.label == NORMAL for w in windows}) == 2:
+            sources.append(source_tile(image, mask, windows, size, patch_tile(size)))
+    _unique_ids(rows)
+    order = {s: i for i, s in enumerate(SPLITS)}
+    rows.sort(key=lambda r: (order[r["split"]], r["label_idx"], r["id"]))
+
+    notes = _notes(col, read_ctx, groups.duplicates)
+    plans = [r["plan"] for r in records]
+    n_defect_images = sum(1 for r in records if r["label"] != NORMAL)
+    cand = {c: {**{s: 0 for s in SPLITS}, "total": 0} for c in classes}
+    for (label, split), by_image in candidates.items():
+        n = sum(len(v) for v in by_image.values())
+        cand[label][split] += n
+        cand[label]["total"] += n
+    from_defect = sum(1 for r in rows if r["label"] == NORMAL and r[_SOURCE_LABEL] != NORMAL)
+    patch_stats = {
+        "size": size,
+        "scale": pp.scale,
+        "source_images": {"total": len(records), "defect": n_defect_images, "normal": len(records) - n_defect_images,
+                          "by_split": {s: sum(1 for r in records if r["split"] == s) for s in SPLITS},
+                          "with_patches": len(keep), "padded": sum(1 for x in plans if x.padded)},
+        "components": {"with_patch": sum(sum(x.components.values()) for x in plans),
+                       "by_class": {c: sum(x.components.get(c, 0) for x in plans) for c in col.classes},
+                       "larger_than_patch": sum(x.larger_than_patch for x in plans),
+                       "below_min_component_px": sum(x.too_small for x in plans)},
+        "candidates": cand,
+        "normal_from": {"normal_images": sum(1 for r in rows if r["label"] == NORMAL) - from_defect,
+                        "defect_images": from_defect},
+        "defect_images_without_patch": len(without),
+        "without_patch": without,
+    }
+    notes.append(f"patch mode: {len(rows)} patches of {size} px cut at scale {pp.scale:g} from {len(keep)} of "
+                 f"{len(records)} image(s); rows are patches (source_image, patch_x, patch_y, scale link each to "
+                 "its image); every patch is in the unpaired pools (a normal patch is another region than "
+                 "any defect patch)")
+    if without:
+        notes.append(f"{len(without)} defect image(s) give no defect patch; see patches.without_patch")
+    return _write(p, tmp, col, classes, rows, [], skipped, notes, None, mf.PATCH_SCHEMA_VERSION,
+                  (mf.PATCH_IMAGES_SCHEMA, mf.PATCH_PAIRED_SCHEMA), {"patches": patch_stats},
+                  lambda path: make_patch_preview(rows, classes, sources, size, path))

@@ -107,6 +107,56 @@ def balanced_cross_entropy(logits: torch.Tensor, labels: np.ndarray) -> float:
     return float(torch.stack([per_image[y == k].mean() for k in torch.unique(y)]).mean())
 
 
+@dataclass
+class Fitted:
+    """What `fit_best_on_val` did: steps taken, why it stopped, every validation (step, score,
+    loss) and the best one, whose weights the model holds on return."""
+
+    steps: int = 0
+    stopped_by: str = ""                  # "patience" | "max_steps"
+    best_step: int = 0
+    best_score: float = float("nan")
+    best_loss: float = float("nan")
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+def fit_best_on_val(model: nn.Module, *, weights: torch.Tensor, batch_size: int, lr: float, stop: StopRule,
+                    gen: torch.Generator, batch_loss: Callable[[np.ndarray], torch.Tensor],
+                    validate: Callable[[], tuple[float, float]]) -> Fitted:
+    """The training loop shared by the classifier and the segmenter, so both follow one rule:
+    Adam at a constant rate on batches drawn with `weights` (with replacement) from `gen`;
+    `batch_loss(indices)` gives a batch's loss; every `eval_every` steps (and at the last one)
+    `validate()` gives (val score, val loss), and the weights with the best (score, -loss) are
+    kept; after `min_steps`, `patience` validations without improvement stop it. The model holds
+    the best weights on return."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    fitted, best_key, best_state, stale = Fitted(), None, None, 0
+    for step in range(1, stop.max_steps + 1):
+        model.train()
+        loss = batch_loss(torch.multinomial(weights, batch_size, replacement=True, generator=gen).numpy())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        fitted.steps = step
+        if step % stop.eval_every and step != stop.max_steps:
+            continue
+        score, vloss = validate()
+        fitted.history.append((step, score, vloss))
+        if best_key is None or (score, -vloss) > best_key:
+            best_key, stale = (score, -vloss), 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            fitted.best_step, fitted.best_score, fitted.best_loss = step, score, vloss
+        else:
+            stale += 1
+        if step >= stop.min_steps and stale >= stop.patience:
+            fitted.stopped_by = "patience"
+            break
+    else:
+        fitted.stopped_by = "max_steps"
+    model.load_state_dict(best_state)
+    return fitted
+
+
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
                      val_images: np.ndarray, val_labels: np.ndarray, stop: StopRule, batch_size: int,
                      lr: float, seed: int, width: int = 8, augment: Optional[BatchAugment] = None,
@@ -120,48 +170,29 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
         raise ValueError("train_classifier needs at least 2 images")
     if len(val_labels) == 0:
         raise ValueError("train_classifier needs validation images for model selection")
-    log = TrainLog()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SmallCNN(images.shape[1], num_classes, width=width).to(memory_format=torch.channels_last)
-        opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
         gen = torch.Generator().manual_seed(seed)
-        weights = balanced_sampling_weights(labels)
         y_all = torch.from_numpy(np.asarray(labels, np.int64))
-        bs = min(batch_size, n)
-        best_key, best_state, stale = None, None, 0
-        for step in range(1, stop.max_steps + 1):
-            model.train()
-            idx = torch.multinomial(weights, bs, replacement=True, generator=gen).numpy()
+
+        def batch_loss(idx: np.ndarray) -> torch.Tensor:
             x = _input(images[idx])
             if augment is not None:
                 x = augment(x, gen).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            log.steps = step
-            if step % stop.eval_every and step != stop.max_steps:
-                continue
+            return F.cross_entropy(logits.float(), y_all[idx])
+
+        def validate() -> tuple[float, float]:
             val_logits = _logits(model, val_images, 256, precision)
             bacc = scores.balanced_accuracy(val_labels, val_logits.argmax(1).numpy(), num_classes)
-            vloss = balanced_cross_entropy(val_logits, val_labels)
-            log.history.append((step, bacc, vloss))
-            key = (bacc, -vloss)
-            if best_key is None or key > best_key:
-                best_key, stale = key, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                log.best_step, log.best_val_balanced_accuracy, log.best_val_loss = step, bacc, vloss
-            else:
-                stale += 1
-            if step >= stop.min_steps and stale >= stop.patience:
-                log.stopped_by = "patience"
-                break
-        else:
-            log.stopped_by = "max_steps"
-        model.load_state_dict(best_state)
+            return bacc, balanced_cross_entropy(val_logits, val_labels)
+
+        fitted = fit_best_on_val(model, weights=balanced_sampling_weights(labels), batch_size=min(batch_size, n),
+                                 lr=lr, stop=stop, gen=gen, batch_loss=batch_loss, validate=validate)
+    log = TrainLog(steps=fitted.steps, best_step=fitted.best_step, best_val_balanced_accuracy=fitted.best_score,
+                   best_val_loss=fitted.best_loss, stopped_by=fitted.stopped_by, history=fitted.history)
     return model.eval(), log
 
 

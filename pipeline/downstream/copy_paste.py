@@ -28,8 +28,9 @@ def classes_without_masks(masks: np.ndarray, labels: np.ndarray, num_classes: in
 
 
 def _paste_one(defect: np.ndarray, mask: np.ndarray, target: np.ndarray, rng: np.random.Generator,
-               blend_sigma: float) -> np.ndarray:
-    """defect, target uint8 (C, H, W); mask (H, W) 0/1 non-empty -> uint8 (C, H, W)."""
+               blend_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """defect, target uint8 (C, H, W); mask (H, W) 0/1 non-empty -> (uint8 (C, H, W), the pasted
+    defect's mask uint8 (1, H, W) 0/1: the moved mask before feathering, at 0.5)."""
     import cv2
 
     _, h, w = defect.shape
@@ -50,36 +51,45 @@ def _paste_one(defect: np.ndarray, mask: np.ndarray, target: np.ndarray, rng: np
     moved = cv2.warpAffine(src, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     alpha = cv2.warpAffine(mask.astype(np.float32), m, (w, h), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    pasted_mask = (alpha >= 0.5).astype(np.uint8)[None]
     if blend_sigma > 0:
         alpha = np.maximum(alpha, cv2.GaussianBlur(alpha, (0, 0), blend_sigma))
     alpha = np.clip(alpha, 0.0, 1.0)[:, :, None]
     moved = moved.reshape(h, w, -1)
     base = target.transpose(1, 2, 0).astype(np.float32)
     out = base * (1 - alpha) + moved * alpha
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8).transpose(2, 0, 1)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).transpose(2, 0, 1), pasted_mask
 
 
 def copy_paste(images: np.ndarray, masks: np.ndarray, labels: np.ndarray, per_class: int, seed: int,
-               blend_sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+               blend_sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`per_class` pasted images per defect class that has masked images.
 
     images uint8 (N, C, H, W), masks (N, 1, H, W) 0/1, labels (N,) with 0 = normal: the real
-    training subset. Returns (images uint8 (M, C, H, W), labels (M,)); M = 0 without normals.
+    training subset. Returns (images uint8 (M, C, H, W), labels (M,), masks uint8 (M, 1, H, W) 0/1,
+    the pasted defects' masks, for the segmenter); M = 0 without normals.
     """
     rng = np.random.default_rng([seed, 0xC0FFEE])
     flat = masks.reshape(len(masks), -1).any(axis=1)
     normals = np.flatnonzero(labels == 0)
-    out_images, out_labels = [], []
+    out_images, out_labels, out_masks = [], [], []
     if len(normals) == 0:
-        return np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64)
+        return _empty(images)
     for k in sorted(int(c) for c in np.unique(labels) if c >= 1):
         sources = np.flatnonzero((labels == k) & flat)
         if len(sources) == 0:
             continue
         for _ in range(per_class):
             i, j = int(rng.choice(sources)), int(rng.choice(normals))
-            out_images.append(_paste_one(images[i], masks[i, 0], images[j], rng, blend_sigma))
+            image, mask = _paste_one(images[i], masks[i, 0], images[j], rng, blend_sigma)
+            out_images.append(image)
+            out_masks.append(mask)
             out_labels.append(k)
     if not out_images:
-        return np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64)
-    return np.stack(out_images), np.asarray(out_labels, np.int64)
+        return _empty(images)
+    return np.stack(out_images), np.asarray(out_labels, np.int64), np.stack(out_masks)
+
+
+def _empty(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64),
+            np.zeros((0, 1, *images.shape[2:]), np.uint8))

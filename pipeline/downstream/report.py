@@ -11,11 +11,14 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.downstream.conditions import HEADLINE, REFERENCE, SYNTH_PREFIX
+from pipeline.downstream.conditions import COPY_PASTE, HEADLINE, REFERENCE, SEGMENT, SEGMENT_HEADLINE, SYNTH_PREFIX
 from pipeline.downstream.stats import verdict
 
-TITLES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1"}
-HEADINGS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1"}
+TITLES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1",
+          "pixel_ap": "pixel AP", "pixel_f1": "pixel F1", "image_auroc": "image AUROC", "mean_iou": "mean IoU"}
+HEADINGS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1",
+            "pixel_ap": "Pixel AP", "pixel_f1": "Pixel F1 (threshold chosen on val)",
+            "image_auroc": "Image AUROC (maximum pixel score)", "mean_iou": "Mean IoU over defect classes"}
 
 
 # --------------------------------------------------------------------------- plots
@@ -25,12 +28,13 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def _metric_vs_shots(metrics: dict, shots: list[int], conditions: list[str], name: str, path: Path) -> None:
+def _metric_vs_shots(metrics: dict, shots: list[int], conditions: list[str], name: str, path: Path,
+                     prefix: str = "", task: str = "classifier") -> None:
     fig = Figure(figsize=(6.5, 4))
     ax = fig.add_subplot()
     for cond in conditions:
-        mean = [metrics.get(f"shots_{s}/{cond}/{name}_mean", math.nan) for s in shots]
-        std = [metrics.get(f"shots_{s}/{cond}/{name}_std", math.nan) for s in shots]
+        mean = [metrics.get(f"{prefix}shots_{s}/{cond}/{name}_mean", math.nan) for s in shots]
+        std = [metrics.get(f"{prefix}shots_{s}/{cond}/{name}_std", math.nan) for s in shots]
         style = "-" if cond.startswith(SYNTH_PREFIX) else "--"
         ax.errorbar(shots, mean, yerr=std, fmt=style + "o", capsize=3, label=cond)
     ax.set_xscale("log" if len(shots) > 1 and max(shots) / max(min(shots), 1) >= 8 else "linear")
@@ -40,21 +44,22 @@ def _metric_vs_shots(metrics: dict, shots: list[int], conditions: list[str], nam
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(f"{TITLES[name]} vs shots (mean ± std over seeds)")
+    ax.set_title(f"{task}: {TITLES[name]} vs shots (mean ± std over seeds)")
     _save(fig, path)
 
 
-def _deltas(metrics: dict, shots: list[int], conditions: list[str], level: float, path: Path) -> None:
+def _deltas(metrics: dict, shots: list[int], conditions: list[str], level: float, path: Path,
+            names: tuple[str, ...] = HEADLINE, prefix: str = "") -> None:
     others = [c for c in conditions if c != REFERENCE]
-    fig = Figure(figsize=(6.5 * len(HEADLINE), 0.9 + 0.35 * max(1, len(others)) * len(shots)))
-    for i, name in enumerate(HEADLINE):
-        ax = fig.add_subplot(1, len(HEADLINE), i + 1)
+    fig = Figure(figsize=(6.5 * len(names), 0.9 + 0.35 * max(1, len(others)) * len(shots)))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
         rows, labels = 0, []
         for s in shots:
             for cond in others:
-                mean = metrics.get(f"shots_{s}/{cond}/{name}_delta_mean", math.nan)
-                low = metrics.get(f"shots_{s}/{cond}/{name}_delta_ci_low", math.nan)
-                high = metrics.get(f"shots_{s}/{cond}/{name}_delta_ci_high", math.nan)
+                mean = metrics.get(f"{prefix}shots_{s}/{cond}/{name}_delta_mean", math.nan)
+                low = metrics.get(f"{prefix}shots_{s}/{cond}/{name}_delta_ci_low", math.nan)
+                high = metrics.get(f"{prefix}shots_{s}/{cond}/{name}_delta_ci_high", math.nan)
                 colour = {"helped": "tab:green", "hurt": "tab:red"}.get(verdict(low, high), "tab:gray")
                 err = [[mean - low], [high - mean]] if math.isfinite(low) else None
                 ax.errorbar([mean], [rows], xerr=err, fmt="o", color=colour, capsize=3)
@@ -93,7 +98,7 @@ def confusion_name(shots: int, cond: str) -> str:
 
 
 def write_plots(plots_dir: Path, runs: list[dict], metrics: dict, classes: list[str], shots: list[int],
-                conditions: list[str], ci_level: float = 0.95) -> list[str]:
+                conditions: list[str], ci_level: float = 0.95, segment_conditions: list[str] = ()) -> list[str]:
     """Write all PNGs into the (new, empty) folder `plots_dir`; their file names."""
     names = []
     for name in HEADLINE:
@@ -102,6 +107,16 @@ def write_plots(plots_dir: Path, runs: list[dict], metrics: dict, classes: list[
     if len(conditions) > 1:
         _deltas(metrics, shots, conditions, ci_level, plots_dir / "delta_vs_real_only.png")
         names.append("delta_vs_real_only.png")
+    if segment_conditions:
+        prefix = f"{SEGMENT}/"
+        for name in SEGMENT_HEADLINE:
+            _metric_vs_shots(metrics, shots, list(segment_conditions), name,
+                             plots_dir / f"segmenter_{name}_vs_shots.png", prefix, "segmenter")
+            names.append(f"segmenter_{name}_vs_shots.png")
+        if len(segment_conditions) > 1:
+            _deltas(metrics, shots, list(segment_conditions), ci_level, plots_dir / "segmenter_delta_vs_real_only.png",
+                    SEGMENT_HEADLINE, prefix)
+            names.append("segmenter_delta_vs_real_only.png")
     for s in shots:
         for cond in conditions:
             group = [np.asarray(r["confusion"]) for r in runs
@@ -159,6 +174,63 @@ def verdicts(metrics: dict, shots: list[int], conditions: list[str]) -> dict[str
     return out
 
 
+def _verdict_of(metrics: dict, key: str, ref_key: str, name: str) -> str:
+    if metrics.get(f"{key}/degenerate") or metrics.get(f"{ref_key}/degenerate"):
+        return "degenerate"
+    return verdict(metrics.get(f"{key}/{name}_delta_ci_low", math.nan), metrics.get(f"{key}/{name}_delta_ci_high", math.nan))
+
+
+def _joined_verdicts(per_shot: list[tuple[int, str]]) -> str:
+    """[(5, "helped"), (20, "helped")] -> "helped at 5 and 20 shots"; mixed verdicts are listed per shot count."""
+    if not per_shot:
+        return "–"
+    if len({v for _, v in per_shot}) == 1:
+        counts = [str(s) for s, _ in per_shot]
+        at = counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + " and " + counts[-1]
+        return f"{per_shot[0][1]} at {at} shots"
+    return "; ".join(f"{v} at {s} shots" for s, v in per_shot)
+
+
+def verdict_table(metrics: dict, shots: list[int], conditions: list[str], name: str, prefix: str = "") -> list[str]:
+    """Markdown lines: condition, the paired difference vs real_only per shot count, the verdict."""
+    lines = ["| condition | " + " | ".join(f"{s} shots" for s in shots) + " | verdict |",
+             "|---|" + "---:|" * len(shots) + "---|"]
+    for c in conditions:
+        if c == REFERENCE:
+            continue
+        cells, per_shot = [], []
+        for s in shots:
+            key = f"{prefix}shots_{s}/{c}"
+            cells.append(interval_text(metrics, f"{key}/{name}"))
+            if f"{key}/{name}_delta_mean" in metrics:
+                per_shot.append((s, _verdict_of(metrics, key, f"{prefix}shots_{s}/{REFERENCE}", name)))
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {_joined_verdicts(per_shot)} |")
+    return lines
+
+
+def verdict_sentence(metrics: dict, shots: list[int], conditions: list[str], name: str, prefix: str = "") -> str:
+    """One sentence per task: did each synthetic set help, hurt or make no detectable difference
+    against real data alone, and where did it stand against copy-paste (paired per seed)."""
+    synth = [c for c in conditions if c.startswith(SYNTH_PREFIX)]
+    if not synth:
+        return f"No synthetic set took part, so only real data and the baselines were compared ({TITLES[name]})."
+    parts = []
+    for c in synth:
+        per_shot = [(s, _verdict_of(metrics, f"{prefix}shots_{s}/{c}", f"{prefix}shots_{s}/{REFERENCE}", name))
+                    for s in shots if f"{prefix}shots_{s}/{c}/{name}_delta_mean" in metrics]
+        versus = []
+        for s in shots if not any(v == "degenerate" for _, v in per_shot) else ():
+            key = f"{prefix}shots_{s}/{c}/{name}_vs_copy_paste"
+            if f"{key}_mean" in metrics:
+                v = verdict(metrics.get(f"{key}_ci_low", math.nan), metrics.get(f"{key}_ci_high", math.nan))
+                word = {"helped": "better than", "hurt": "worse than"}.get(v, "no detectable difference from")
+                versus.append(f"{word} copy-paste at {s} shots ({metrics[f'{key}_mean']:+.3f} "
+                              f"[{metrics.get(f'{key}_ci_low', math.nan):+.3f}, {metrics.get(f'{key}_ci_high', math.nan):+.3f}])")
+        text = f"`{c}` {_joined_verdicts(per_shot)} against real data alone"
+        parts.append(text + ("; " + ", ".join(versus) if versus else "; copy-paste did not run") + ".")
+    return " ".join(parts)
+
+
 def _shift_headings(text: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
 
@@ -180,7 +252,20 @@ def render_summary(*, out_dir: Path, metrics: dict, details: dict[str, Any], plo
     down = [r for r in details["runs"] if r["kind"] == "downstream"]
     steps = [r["steps"] for r in details["runs"]]
     base = details["majority_baseline"]
-    out = ["# Downstream defect classifier: does synthetic data help?", "",
+    seg_conditions = list(details.get("segment_conditions", {}))
+    out = ["# Does synthetic data help? The verdict", "",
+           f"Paired per-seed differences against `{REFERENCE}` (mean [{level:.0%} t interval], {n_seeds} seed(s)); "
+           "**helped** / **hurt** only where the whole interval is on one side of 0.", "",
+           f"**Classification** (macro-F1 of a defect classifier): "
+           + verdict_sentence(metrics, shots, conditions, "macro_f1"), ""]
+    out += verdict_table(metrics, shots, conditions, "macro_f1")
+    if seg_conditions:
+        out += ["", f"**Segmentation** (pixel AP of a defect segmenter): "
+                + verdict_sentence(metrics, shots, seg_conditions, "pixel_ap", f"{SEGMENT}/"), ""]
+        out += verdict_table(metrics, shots, seg_conditions, "pixel_ap", f"{SEGMENT}/")
+    realism = _realism_sentence(Path(evaluate_dir) / "metrics.json")
+    out += ["", _floor_sentence(metrics, shots, base, len(classes) - 1)] + (["", realism] if realism else []) + [""]
+    out += ["# Downstream defect classifier", "",
            f"A small CNN trained from scratch per condition and seed, scored on the held-out real **test** split "
            f"({test_counts}). Training caps the real images of each defect class at the number of shots; normal "
            f"images are {'capped the same way' if params['cap_normals'] else 'kept uncapped (they are plentiful in practice)'}"
@@ -197,12 +282,8 @@ def render_summary(*, out_dir: Path, metrics: dict, details: dict[str, Any], plo
            "not a result.", "", "Conditions:", ""]
     out += [f"- `{name}`: {desc}" for name, desc in details["conditions"].items()]
 
-    head = "| condition | " + " | ".join(f"{s} shots" for s in shots) + " |"
+    out += _score_tables(metrics, shots, conditions, (*HEADLINE, "accuracy"))   # accuracy: vs the floor
     rule = "|---|" + "---:|" * len(shots)
-    for metric in (*HEADLINE, "accuracy"):          # accuracy: to read against the majority-class floor
-        out += ["", f"## {HEADINGS[metric]} (mean ± std over seeds)", "", head, rule]
-        out += [f"| {c} | " + " | ".join(_cell(metrics, f"shots_{s}/{c}", metric) for s in shots) + " |"
-                for c in conditions]
 
     out += ["", f"## Paired difference vs {REFERENCE} (mean [{level:.0%} t interval])", "",
             "| condition | shots | balanced accuracy | macro-F1 | verdict (macro-F1) |", "|---|---:|---:|---:|---|"]
@@ -236,10 +317,17 @@ def render_summary(*, out_dir: Path, metrics: dict, details: dict[str, Any], plo
     if baselines:
         out.append(f"- Baselines that helped: {', '.join(baselines)}.")
 
+    if seg_conditions:
+        out += _segmentation_section(metrics, details, shots, seg_conditions, classes, level, plots, out_dir)
+
     degenerate = [r for r in details["runs"] if r["degenerate"]]
     if degenerate:
         out += ["", "## Degenerate classifiers", ""]
         for r in degenerate:
+            if r["kind"] == SEGMENT:
+                out.append(f"- segmenter {r['condition']}, {r['shots']} shots, seed {r['seed']}: one answer for "
+                           "every test pixel at its val threshold.")
+                continue
             where = (f"{r['condition']}, {r['shots']} shots" if r["kind"] == "downstream" else f"CAS {r['model']}")
             only = ", ".join(classes[c + (0 if r["kind"] == "downstream" else 1)] for c in r["predicted_classes"])
             out.append(f"- {where}, seed {r['seed']}: predicts only {only}.")
@@ -280,7 +368,7 @@ def render_summary(*, out_dir: Path, metrics: dict, details: dict[str, Any], plo
 
     out += ["## Plots", ""]
     for p in plots:
-        if p.name.endswith("_vs_shots.png") or p.name.startswith("delta_"):
+        if (p.name.endswith("_vs_shots.png") or p.name.startswith("delta_")) and not p.name.startswith("segmenter_"):
             out.append(f"![{p.stem}]({_rel(p, out_dir)})")
     confusions = [p for p in plots if p.name.startswith("confusion_")]
     if confusions:
@@ -300,3 +388,93 @@ def render_summary(*, out_dir: Path, metrics: dict, details: dict[str, Any], plo
     if details["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in details["notes"]]
     return "\n".join(out) + "\n"
+
+
+def _score_tables(metrics: dict, shots: list[int], conditions: list[str], names: tuple[str, ...],
+                  prefix: str = "") -> list[str]:
+    """One markdown table per score: conditions x shots, mean ± std over seeds."""
+    out = []
+    for metric in names:
+        out += ["", f"## {HEADINGS[metric]} (mean ± std over seeds)", "",
+                "| condition | " + " | ".join(f"{s} shots" for s in shots) + " |", "|---|" + "---:|" * len(shots)]
+        out += [f"| {c} | " + " | ".join(_cell(metrics, f"{prefix}shots_{s}/{c}", metric) for s in shots) + " |"
+                for c in conditions]
+    return out
+
+
+def _realism_sentence(evaluate_metrics: Path) -> str:
+    """The evaluate stage's two-sample test in one sentence: each set's held-out accuracy at telling
+    its images from real defects (0.5 indistinguishable, 1.0 detectable), with the reference rows,
+    and the sets that are worse than doing nothing. "" when evaluate did not compute it."""
+    import json
+
+    try:
+        models = json.loads(Path(evaluate_metrics).read_text()).get("models", {})
+    except (OSError, ValueError):
+        return ""
+    c2st = {m: v.get("overall", {}).get("c2st") for m, v in models.items()}
+    c2st = {m: v for m, v in c2st.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if not c2st:
+        return ""
+    cells = ", ".join(f"{m} {v:.2f}" for m, v in c2st.items())
+    worse = [m for m, v in models.items() if v.get("overall", {}).get("c2st_worse_than_do_nothing")]
+    text = (f"**Realism** (classifier two-sample test, held-out accuracy at telling a set from real defect images: "
+            f"0.5 indistinguishable, 1.0 detectable): {cells}.")
+    return text + (f" Worse than doing nothing: {', '.join(worse)}." if worse else "")
+
+
+def _floor_sentence(metrics: dict, shots: list[int], base: dict, defect_classes: int) -> str:
+    """Does the real-only classifier beat always answering the majority class, on accuracy and
+    balanced accuracy? Below the floor, no comparison of conditions means much."""
+    parts, below = [], []
+    for s in shots:
+        key = f"shots_{s}/{REFERENCE}"
+        acc, bacc = metrics.get(f"{key}/accuracy_mean", math.nan), metrics.get(f"{key}/balanced_accuracy_mean", math.nan)
+        parts.append(f"{s} shots accuracy {_num(acc)}, balanced accuracy {_num(bacc)}")
+        if not (acc > base["accuracy"] and (defect_classes < 2 or bacc > base["balanced_accuracy"])):
+            below.append(str(s))
+    floor = (f"always answering the majority class scores accuracy {_num(base['accuracy'])}, balanced accuracy "
+             f"{_num(base['balanced_accuracy'])}")
+    if below:
+        return (f"**Warning:** the real-only classifier does not beat the floor at {', '.join(below)} shots "
+                f"({'; '.join(parts)}; {floor}): it has not learned the defects, so its comparisons say little.")
+    return f"The real-only classifier beats the floor ({'; '.join(parts)}; {floor})."
+
+
+def _segmentation_section(metrics: dict, details: dict, shots: list[int], conditions: list[str], classes: list[str],
+                          level: float, plots: list[Path], out_dir: Path) -> list[str]:
+    prefix = f"{SEGMENT}/"
+    counts = ", ".join(f"{c} {n}" for c, n in zip(classes, details.get("segment_test_per_class", [])))
+    seg_runs = [r for r in details["runs"] if r["kind"] == SEGMENT]
+    steps = [r["steps"] for r in seg_runs]
+    out = ["", "# Downstream defect segmenter", "",
+           "A small U-Net trained from scratch per condition and seed on the same real subsets as the classifier "
+           "(normals with empty masks; defect images without a known mask left out), class-balanced draws, "
+           f"early-stopped on val pixel AP with the classifier's rule (here {min(steps, default=0)}-"
+           f"{max(steps, default=0)} steps), scored on the real test images whose masks are known ({counts}). "
+           "Pixel AP: area under the precision-recall curve over every test pixel; pixel F1 at the threshold that "
+           "maximises F1 on val; image AUROC from each image's maximum pixel score (normal vs defect); IoU per "
+           "defect class over the test images of that class at the val threshold. The same paired statistics as "
+           "the classifier.", "", "Conditions:", ""]
+    out += [f"- `{name}`: {desc}" for name, desc in details["segment_conditions"].items()]
+    out += _score_tables(metrics, shots, conditions, ("pixel_ap", "pixel_f1", "image_auroc", "mean_iou"), prefix)
+    out += ["", f"## Segmenter: paired difference vs {REFERENCE} (mean [{level:.0%} t interval])", "",
+            "| condition | shots | pixel AP | pixel F1 | image AUROC | verdict (pixel AP) |", "|---|---:|---:|---:|---:|---|"]
+    for s in shots:
+        for c in conditions:
+            key = f"{prefix}shots_{s}/{c}"
+            if c == REFERENCE or f"{key}/pixel_ap_delta_mean" not in metrics:
+                continue
+            out.append(f"| {c} | {s} | " + " | ".join(interval_text(metrics, f"{key}/{n}") for n in SEGMENT_HEADLINE)
+                       + f" | {_verdict_of(metrics, key, f'{prefix}shots_{s}/{REFERENCE}', 'pixel_ap')} |")
+    out += ["", "## Segmenter: IoU per defect class (mean over seeds)", ""]
+    for s in shots:
+        out += [f"### {s} shots", "", "| condition | " + " | ".join(classes[1:]) + " |",
+                "|---|" + "---:|" * (len(classes) - 1)]
+        out += [f"| {c} | " + " | ".join(_num(metrics.get(f"{prefix}shots_{s}/{c}/iou_{cls}_mean", math.nan), ".3f")
+                                          for cls in classes[1:]) + " |" for c in conditions]
+        out.append("")
+    seg_plots = [p for p in plots if p.name.startswith("segmenter_")]
+    if seg_plots:
+        out += ["## Segmenter plots", ""] + [f"![{p.stem}]({_rel(p, out_dir)})" for p in seg_plots]
+    return out

@@ -1,4 +1,5 @@
-"""The downstream stage: does synthetic data help a defect classifier with few real defects?
+"""The downstream stage: does synthetic data help a defect classifier, and a defect segmenter,
+with few real defects?
 
 For each few-shot cap in `downstream.shots` and each seed in `downstream.seeds`, one classifier
 (classifier.py: class-balanced, early-stopped on the val split) is trained per condition and
@@ -18,6 +19,18 @@ scored on the held-out real TEST split:
   real_synth_<model>_classical  the same images with the strong classical preset on top: for the
                               model whose real_synth_<model> classifiers scored best on val
                               (`synthetic_classical: best`, default) or for every model ("all")
+
+The segmenter (segmenter.py, `downstream.segmenter`): a small U-Net per (shots, seed, condition) on
+the same real subset with its masks (normals with empty masks; defect images without a known mask
+left out), the same early-stopping rule (on val pixel AP) and the same paired statistics. What the
+anomaly-synthesis papers report (DFMGAN, AnomalyDiffusion): pixel AP, pixel F1 (threshold chosen
+on val), image AUROC from the maximum pixel score, IoU per defect class, on the real test split.
+Its conditions: real_only, real_classical (the same geometry on the mask), real_copy_paste (the
+pasted defect's mask), real_draem (DRAEM-style Perlin-mask anomalies on the real normals, draem.py:
+the baseline those papers beat), and real_synth_<model> for every synthetic set with masks
+(class-labelled or not: a segmenter needs no class). Keys "segment/shots_<k>/<condition>/...".
+Each synthetic condition is also compared with copy-paste, paired per seed
+("..._vs_copy_paste_{mean,ci_low,ci_high}" of macro-F1 and pixel AP).
 
 Fidelity: the classification accuracy score (CAS, Ravuri & Vinyals 2019): per seed, a
 classifier of the defect classes trained on one model's synthetic defects only, scored on the
@@ -71,8 +84,10 @@ from pipeline.console import progress
 from pipeline.downstream import scores, stats
 from pipeline.downstream.augment import strong_classical
 from pipeline.downstream.classifier import StopRule, predict, train_classifier
-from pipeline.downstream.conditions import CLASSICAL_SUFFIX, HEADLINE, REFERENCE, SYNTH_PREFIX
+from pipeline.downstream.conditions import (CLASSICAL_SUFFIX, COPY_PASTE, DRAEM, HEADLINE, REFERENCE, SEGMENT, SEGMENT_HEADLINE,
+                                           SEGMENT_SCORES, SYNTH_PREFIX)
 from pipeline.downstream.copy_paste import classes_without_masks, copy_paste
+from pipeline.downstream.draem import draem_anomalies
 from pipeline.errors import DataError
 from pipeline.fsutil import atomic_entries, json_safe
 from pipeline.metrics.data import (ImageSet, PreparedInfo, SyntheticSet, find_model_folders, load_real,
@@ -123,7 +138,7 @@ def build_conditions(synth: dict[str, SyntheticSet], copy_paste_ok: bool, notes:
              Condition("real_classical", "real + strong classical augmentation (flips, rotate90, "
                                          "brightness/contrast, affine)", classical=True)]
     if copy_paste_ok:
-        conds.append(Condition("real_copy_paste", "real + copy-paste: real training defects cut by their masks, "
+        conds.append(Condition(COPY_PASTE, "real + copy-paste: real training defects cut by their masks, "
                                                   "flipped, rotated, placed at random and blended onto real "
                                                   "normal training images", added="copy_paste"))
     for model, s in synth.items():
@@ -155,13 +170,14 @@ def build_conditions(synth: dict[str, SyntheticSet], copy_paste_ok: bool, notes:
 class Task:
     """One classifier to train: its data, seed and the evaluation set it is selected/scored on."""
 
-    key: tuple                  # ("downstream", shots, seed, condition) | ("cas", model, seed)
+    key: tuple                  # ("downstream" | "segment", shots, seed, condition) | ("cas", model, seed)
     images: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray          # classifier: the targets; segmenter: only for class-balanced draws
     num_classes: int
     seed: int
     classical: bool
-    eval_set: str               # "all" (every class) | "defects" (CAS: defect classes, label - 1)
+    eval_set: str               # "all" (every class) | "defects" (CAS: defect classes, label - 1) | "segment"
+    masks: Optional[np.ndarray] = None   # segmenter: the pixel targets (N, 1, H, W) 0/1
 
 
 _WORKER: dict[str, Any] = {}    # eval sets and training settings, set once per process
@@ -195,15 +211,49 @@ def _init_worker(eval_sets: dict[str, tuple[np.ndarray, ...]], settings: dict[st
 
 
 def _run_task(task: Task) -> tuple[tuple, dict[str, Any]]:
-    """Train, select on val, predict test: (task key, {"pred", "log"})."""
-    val_x, val_y, test_x, _ = _WORKER["eval_sets"][task.eval_set]
+    """Train, select on val, predict test: (task key, {"pred", "log"}), or for a segmenter
+    (task key, {"scores", "threshold", "log"}): the test scores are computed in the worker, so
+    no pixel map travels back."""
     st = _WORKER["settings"]
+    if task.key[0] == SEGMENT:
+        return task.key, _run_segmenter(task, _WORKER["eval_sets"][task.eval_set], st)
+    val_x, val_y, test_x, _ = _WORKER["eval_sets"][task.eval_set]
     model, train_log = train_classifier(task.images, task.labels, task.num_classes, val_images=val_x,
                                         val_labels=val_y, stop=st["stop"], batch_size=st["batch_size"],
                                         lr=st["lr"], seed=task.seed, width=st["width"],
                                         augment=strong_classical if task.classical else None,
                                         precision=st["precision"])
     return task.key, {"pred": predict(model, test_x, precision=st["precision"]), "log": train_log}
+
+
+def _run_segmenter(task: Task, ev: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
+    """Train one segmenter (early-stopped on val pixel AP), choose the pixel threshold on val
+    (F1-max), score the test split at that threshold."""
+    from pipeline.downstream import pixel_scores
+    from pipeline.downstream.augment import strong_classical_joint
+    from pipeline.downstream.segmenter import SegTrainLog, predict_pixel_scores, train_segmenter
+
+    if not task.masks.any():
+        # A subset whose defect images all lack masks has nothing to learn from: no figures (NaN),
+        # reported in the runs, instead of a segmenter trained to find nothing.
+        nan = float("nan")
+        return {"scores": {**{k: nan for k in SEGMENT_SCORES}, **{f"iou_{c}": nan for c in ev["classes"][1:]},
+                           "degenerate": False, "skipped": "no defect pixel in the training masks"},
+                "threshold": nan, "log": SegTrainLog()}
+    model, train_log = train_segmenter(task.images, task.masks, task.labels, val_images=ev["val_images"],
+                                       val_masks=ev["val_masks"], stop=st["stop"], batch_size=st["segmenter_batch_size"],
+                                       lr=st["segmenter_lr"], seed=task.seed, width=st["segmenter_width"],
+                                       augment=strong_classical_joint if task.classical else None,
+                                       precision=st["precision"])
+    val_scores = predict_pixel_scores(model, ev["val_images"], precision=st["precision"])
+    threshold, _ = pixel_scores.best_f1_threshold(val_scores, ev["val_masks"][:, 0] > 0)
+    test_scores = predict_pixel_scores(model, ev["test_images"], precision=st["precision"])
+    found = pixel_scores.segmentation_scores(test_scores, ev["test_masks"][:, 0] > 0, ev["test_labels"],
+                                             ev["classes"], threshold)
+    predicted = test_scores >= threshold
+    # Degenerate: one answer for every test pixel (nothing found, or everything flagged).
+    found["degenerate"] = bool(not predicted.any() or predicted.all())
+    return {"scores": found, "threshold": float(threshold), "log": train_log}
 
 
 @contextlib.contextmanager
@@ -253,7 +303,7 @@ class TaskRunner:
             self._pool = None
             _init_worker(self.eval_sets, self.settings, None)
             self._stack.enter_context(_torch_threads(1))
-        self._bar = self._stack.enter_context(progress("downstream classifiers", total=self.total, unit="classifier"))
+        self._bar = self._stack.enter_context(progress("downstream classifiers and segmenters", total=self.total, unit="model"))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -337,6 +387,9 @@ def run_downstream(params, prepared_dir: Path, synthetic_root: Path, out_dir: Pa
                      "images, so copy-paste adds no images of them.")
     conditions = build_conditions(synth, copy_paste_ok, notes, params.synthetic_classical == "all",
                                   num_classes - 1)
+    seg_eval = _segment_eval_set(val, test, info, notes) if params.segmenter else None
+    seg_conditions = (build_segment_conditions(synth, copy_paste_ok, bool((train.labels == 0).any()), notes)
+                      if seg_eval is not None else [])
 
     # ---- the classifiers to train
     subsets: dict[tuple, dict[str, Any]] = {}
@@ -381,11 +434,41 @@ def run_downstream(params, prepared_dir: Path, synthetic_root: Path, out_dir: Pa
                 subsets[key] = {"n_train": int(len(y)), "train_per_class": np.bincount(y, minlength=num_classes - 1).tolist()}
                 tasks.append(Task(key, x, y, num_classes - 1, seed, False, "defects"))
 
+    def segment_task(cond: Condition, shots: int, seed: int) -> Task:
+        real, pasted = real_sets[shots, seed]
+        known = real.known_masks()           # a defect image without a mask cannot teach where it is
+        x, m, y = real.images[known], real.masks[known], real.labels[known]
+        if cond.added == "copy_paste":
+            x, m, y = np.concatenate([x, pasted[0]]), np.concatenate([m, pasted[2]]), np.concatenate([y, pasted[1]])
+        elif cond.added == "draem":
+            count = params.synthetic_per_class * len(defect_classes)
+            ax, am = draem_anomalies(real.images[real.labels == 0], count, seed, texture=params.draem_texture,
+                                     area_range=tuple(params.draem_area))
+            x, m = np.concatenate([x, ax]), np.concatenate([m, am])
+            y = np.concatenate([y, _spread_over(defect_classes, count)])
+        elif cond.added == "synthetic":
+            s = cond.synthetic
+            idx = segment_synthetic_indices(s, params.synthetic_per_class * len(defect_classes), seed)
+            labels = s.label_idx[idx]
+            unlabelled = labels < 1
+            labels[unlabelled] = _spread_over(defect_classes, int(unlabelled.sum()))
+            x, m, y = np.concatenate([x, s.images[idx]]), np.concatenate([m, s.masks[idx]]), np.concatenate([y, labels])
+        key = (SEGMENT, shots, seed, cond.name)
+        subsets[key] = {"n_train": int(len(y)), "n_real": int(known.sum()), "n_added": int(len(y) - known.sum()),
+                        "train_per_class": np.bincount(y, minlength=num_classes).tolist()}
+        return Task(key, x, y, num_classes, seed, cond.classical, SEGMENT, masks=m)
+
+    if seg_eval is not None:
+        eval_sets[SEGMENT] = seg_eval
+        tasks += [segment_task(c, shots, seed) for c in seg_conditions for shots in params.shots
+                  for seed in params.seeds]
+
     synth_conds = [c for c in conditions if c.added == "synthetic" and not c.classical]
     later = len(params.shots) * len(params.seeds) if params.synthetic_classical == "best" and synth_conds else 0
     settings = {"stop": StopRule(params.eval_every, params.patience, params.min_steps, params.max_steps),
                 "batch_size": params.batch_size, "lr": params.lr, "width": params.width,
-                "precision": params.precision}
+                "precision": params.precision, "segmenter_lr": params.segmenter_lr,
+                "segmenter_width": params.segmenter_width, "segmenter_batch_size": params.segmenter_batch_size}
     workers = min(params.workers or default_workers(), len(tasks))
     results: dict[tuple, dict] = {}
     with TaskRunner(eval_sets, settings, workers, len(tasks) + later) as runner:
@@ -409,17 +492,94 @@ def run_downstream(params, prepared_dir: Path, synthetic_root: Path, out_dir: Pa
     runs: list[dict[str, Any]] = []
     for task in tasks:
         out = results[task.key]
+        if task.key[0] == SEGMENT:
+            runs.append({"kind": SEGMENT, "shots": task.key[1], "seed": task.seed, "condition": task.key[3],
+                         **subsets[task.key], **_segment_log_fields(out["log"]), "threshold": out["threshold"],
+                         **out["scores"]})
+            continue
         y_test = eval_sets[task.eval_set][3]
         head = ({"kind": "downstream", "shots": task.key[1], "seed": task.seed, "condition": task.key[3]}
                 if task.key[0] == "downstream" else {"kind": "cas", "model": task.key[1], "seed": task.seed})
         runs.append({**head, **subsets[task.key], **_log_fields(out["log"]),
                      **_score(y_test, out["pred"], task.num_classes)})
-    runs.sort(key=lambda r: (r["kind"] != "downstream", r.get("shots", 0), r["seed"]))
+    order = {"downstream": 0, SEGMENT: 1, "cas": 2}
+    runs.sort(key=lambda r: (order[r["kind"]], r.get("shots", 0), r["seed"]))
 
     metrics = aggregate(runs, info.classes, params.shots, [c.name for c in conditions], params.ci_level)
+    metrics.update(aggregate_segmentation(runs, info.classes, params.shots, [c.name for c in seg_conditions],
+                                          params.ci_level))
     write_outputs(out_dir, metrics, runs, notes, conditions, info, params, prepared_dir, synthetic_root,
-                  evaluate_dir if evaluate_dir is not None else out_dir / "evaluate", test, val, workers)
+                  evaluate_dir if evaluate_dir is not None else out_dir / "evaluate", test, val, workers,
+                  seg_conditions)
     return metrics
+
+
+def _spread_over(classes: list[int], count: int) -> np.ndarray:
+    """Labels for added images that carry no class (DRAEM anomalies, "defect" samples): spread evenly
+    over the defect classes. They only steer the segmenter's class-balanced draws."""
+    return np.resize(np.asarray(classes, np.int64), count) if classes else np.ones(count, np.int64)
+
+
+def _segment_log_fields(train_log) -> dict[str, Any]:
+    return {"steps": train_log.steps, "best_step": train_log.best_step, "stopped_by": train_log.stopped_by,
+            "val_pixel_ap": train_log.best_val_pixel_ap,
+            "history": [list(h) for h in train_log.history]}
+
+
+def _segment_eval_set(val: ImageSet, test: ImageSet, info: PreparedInfo, notes: list[str]) -> Optional[dict]:
+    """The segmenter's val and test images: those whose mask is known (normals always). None, with a
+    note, where the test or val split has no defect image with a mask (nothing to score)."""
+    vk, tk = val.known_masks(), test.known_masks()
+    has_defect = lambda s, k: bool((s.masks[k & (s.labels >= 1)].reshape(-1) > 0).any())  # noqa: E731
+    if not has_defect(test, tk) or not has_defect(val, vk):
+        notes.append("the segmenter needs defect images with pixel masks in the val and test splits; there are "
+                     "none, so the segmentation comparison was not run.")
+        return None
+    dropped = int((~tk).sum() + (~vk).sum())
+    if dropped:
+        notes.append(f"segmenter: {dropped} val/test defect image(s) without a pixel mask are left out of its "
+                     "selection and scores.")
+    return {"val_images": val.images[vk], "val_masks": val.masks[vk], "test_images": test.images[tk],
+            "test_masks": test.masks[tk], "test_labels": test.labels[tk], "classes": list(info.classes),
+            "test_per_class": np.bincount(test.labels[tk], minlength=len(info.classes)).tolist()}
+
+
+def build_segment_conditions(synth: dict[str, SyntheticSet], copy_paste_ok: bool, have_normals: bool,
+                             notes: list[str]) -> list[Condition]:
+    """The segmenter's conditions: real only, classical, copy-paste, DRAEM-style anomalies, and every
+    synthetic set whose samples carry masks (class-labelled or not: a segmenter needs no class)."""
+    conds = [Condition(REFERENCE, "real images with their masks"),
+             Condition("real_classical", "real + strong classical augmentation, the same geometry on the mask",
+                       classical=True)]
+    if copy_paste_ok:
+        conds.append(Condition(COPY_PASTE, "real + copy-paste, the pasted defect's mask as target",
+                               added="copy_paste"))
+    if have_normals:
+        conds.append(Condition(DRAEM, "real + DRAEM-style anomalies: Perlin-noise masks on real normal training "
+                                      "images, filled with foreign texture (Zavrtanik et al. 2021)", added="draem"))
+    else:
+        notes.append("segmenter: no normal training image, so the DRAEM-style baseline was not run.")
+    for model, s in synth.items():
+        if not s.masks.reshape(len(s), -1).any(axis=1).any():
+            notes.append(f"segmenter: {model}'s samples carry no mask (it draws whole images), so it has no "
+                         "segmentation condition.")
+            continue
+        conds.append(Condition(f"{SYNTH_PREFIX}{model}", f"real + synthetic images and masks from {model}",
+                               added="synthetic", synthetic=s))
+    return conds
+
+
+def segment_synthetic_indices(synth: SyntheticSet, total: int, seed: int) -> np.ndarray:
+    """Up to `total` samples with a non-empty mask for the segmenter: per class as the classifier
+    draws them (`synthetic_indices`) where the samples carry classes, else `total` drawn at random."""
+    has_mask = synth.masks.reshape(len(synth), -1).any(axis=1)
+    if synth.class_labelled:
+        n_classes = max(1, len(np.unique(synth.label_idx[synth.label_idx >= 1])))
+        idx = synthetic_indices(synth, total // n_classes, seed)
+        return idx[has_mask[idx]]
+    rng = np.random.default_rng(seed + 2_000_003)
+    pool = np.flatnonzero(has_mask)
+    return np.sort(pool[rng.permutation(len(pool))][:total])
 
 
 def _best_on_val(synth_conds: list[Condition], results: dict[tuple, dict], params) -> Condition:
@@ -474,19 +634,11 @@ def aggregate(runs: list[dict], classes: list[str], shots_list: list[int], condi
             if not group:
                 continue
             key = f"shots_{shots}/{cond}"
-            for name in ("accuracy",) + HEADLINE:
-                flat[f"{key}/{name}_mean"], flat[f"{key}/{name}_std"] = stats.mean_std([r[name] for r in group])
-                paired = [r[name] - ref[r["seed"]][name] for r in group if r["seed"] in ref]
-                if name in HEADLINE and paired:
-                    (flat[f"{key}/{name}_delta_mean"], flat[f"{key}/{name}_delta_ci_low"],
-                     flat[f"{key}/{name}_delta_ci_high"]) = stats.paired_t_interval(paired, ci_level)
+            _condition_stats(flat, key, group, ref, ("accuracy",) + HEADLINE, HEADLINE, ci_level)
             for k, cls in enumerate(classes):
                 flat[f"{key}/recall_{cls}_mean"], flat[f"{key}/recall_{cls}_std"] = \
                     stats.mean_std([r["recall"][k] for r in group])
-            flat[f"{key}/degenerate"] = float(any(r["degenerate"] for r in group))
-            flat[f"{key}/degenerate_seeds"] = float(sum(r["degenerate"] for r in group))
-            flat[f"{key}/n_train"] = float(np.mean([r["n_train"] for r in group]))
-            flat[f"{key}/steps_mean"] = float(np.mean([r["steps"] for r in group]))
+        _versus_copy_paste(flat, f"shots_{shots}/", down, shots, conditions, "macro_f1", ci_level)
     for name in dict.fromkeys(r["model"] for r in runs if r["kind"] == "cas"):
         group = [r for r in runs if r["kind"] == "cas" and r["model"] == name]
         key = f"cas/{name}"
@@ -496,6 +648,60 @@ def aggregate(runs: list[dict], classes: list[str], shots_list: list[int], condi
             flat[f"{key}/recall_{cls}_mean"], flat[f"{key}/recall_{cls}_std"] = \
                 stats.mean_std([r["recall"][k] for r in group])
         flat[f"{key}/degenerate"] = float(any(r["degenerate"] for r in group))
+    return flat
+
+
+def _condition_stats(flat: dict[str, float], key: str, group: list[dict], ref: dict[int, dict],
+                     names: tuple[str, ...], paired_names: tuple[str, ...], ci_level: float) -> None:
+    """One condition's figures into `flat` under `key`: mean/std per score, the paired per-seed
+    differences against the reference runs `ref` ({seed: run}) with their t interval for
+    `paired_names`, the degenerate flag, the mean training size and steps. Shared by the
+    classifier and the segmenter, so both are compared by the same statistics."""
+    for name in names:
+        flat[f"{key}/{name}_mean"], flat[f"{key}/{name}_std"] = stats.mean_std([r[name] for r in group])
+        paired = [r[name] - ref[r["seed"]][name] for r in group if r["seed"] in ref]
+        if name in paired_names and paired:
+            (flat[f"{key}/{name}_delta_mean"], flat[f"{key}/{name}_delta_ci_low"],
+             flat[f"{key}/{name}_delta_ci_high"]) = stats.paired_t_interval(paired, ci_level)
+    flat[f"{key}/degenerate"] = float(any(r["degenerate"] for r in group))
+    flat[f"{key}/degenerate_seeds"] = float(sum(r["degenerate"] for r in group))
+    flat[f"{key}/n_train"] = float(np.mean([r["n_train"] for r in group]))
+    flat[f"{key}/steps_mean"] = float(np.mean([r["steps"] for r in group]))
+
+
+def _versus_copy_paste(flat: dict[str, float], prefix: str, group_runs: list[dict], shots: int,
+                       conditions: list[str], name: str, ci_level: float) -> None:
+    """Each synthetic condition against copy-paste (the baseline a practitioner tries first), paired
+    per seed like every other comparison: "<prefix><condition>/<name>_vs_copy_paste_{mean,ci_low,ci_high}"."""
+    paste = {r["seed"]: r for r in group_runs if r["shots"] == shots and r["condition"] == COPY_PASTE}
+    if not paste:
+        return
+    for cond in conditions:
+        if not cond.startswith(SYNTH_PREFIX):
+            continue
+        d = [r[name] - paste[r["seed"]][name] for r in group_runs
+             if r["shots"] == shots and r["condition"] == cond and r["seed"] in paste]
+        if d:
+            key = f"{prefix}{cond}/{name}_vs_copy_paste"
+            flat[f"{key}_mean"], flat[f"{key}_ci_low"], flat[f"{key}_ci_high"] = stats.paired_t_interval(d, ci_level)
+
+
+def aggregate_segmentation(runs: list[dict], classes: list[str], shots_list: list[int], conditions: list[str],
+                           ci_level: float = 0.95) -> dict[str, float]:
+    """The segmenter's flat figures, keys "segment/shots_<k>/<condition>/...": mean/std of pixel AP,
+    pixel F1, image AUROC, mean IoU and IoU per defect class, paired differences against real_only
+    for SEGMENT_HEADLINE, the degenerate flag (`_condition_stats`, as for the classifier)."""
+    flat: dict[str, float] = {}
+    seg = [r for r in runs if r["kind"] == SEGMENT]
+    names = SEGMENT_SCORES + tuple(f"iou_{c}" for c in classes[1:])
+    for shots in shots_list:
+        ref = {r["seed"]: r for r in seg if r["shots"] == shots and r["condition"] == REFERENCE}
+        for cond in conditions:
+            group = [r for r in seg if r["shots"] == shots and r["condition"] == cond]
+            if group:
+                _condition_stats(flat, f"{SEGMENT}/shots_{shots}/{cond}", group, ref,
+                                 tuple(n for n in names if n in group[0]), SEGMENT_HEADLINE, ci_level)
+        _versus_copy_paste(flat, f"{SEGMENT}/shots_{shots}/", seg, shots, conditions, SEGMENT_HEADLINE[0], ci_level)
     return flat
 
 
@@ -510,7 +716,8 @@ def majority_baseline(test_labels: np.ndarray, num_classes: int) -> dict[str, fl
 
 def write_outputs(out_dir: Path, metrics: dict, runs: list[dict], notes: list[str], conditions: list[Condition],
                   info: PreparedInfo, params, prepared_dir: Path, synthetic_root: Path, evaluate_dir: Path,
-                  test: ImageSet, val: ImageSet, workers: int) -> None:
+                  test: ImageSet, val: ImageSet, workers: int,
+                  seg_conditions: Optional[list[Condition]] = None) -> None:
     from pipeline.config import to_dict
     from pipeline.downstream import report
 
@@ -521,12 +728,16 @@ def write_outputs(out_dir: Path, metrics: dict, runs: list[dict], notes: list[st
                "majority_baseline": majority_baseline(test.labels, num_classes),
                "conditions": {c.name: c.description for c in conditions},
                "synthetic_models": [c.model for c in conditions if c.added == "synthetic" and not c.classical],
+               "segment_conditions": {c.name: c.description for c in seg_conditions or []},
+               "segment_test_per_class": (np.bincount(test.labels[test.known_masks()], minlength=num_classes).tolist()
+                                          if seg_conditions else []),
                "notes": notes, "runs": runs}
     # The four outputs share reports/ with the evaluate stage's folder: replaced together.
     with atomic_entries(out_dir, "downstream") as staging:
         (staging / "plots").mkdir()
         names = report.write_plots(staging / "plots", runs, metrics, info.classes, list(params.shots),
-                                   [c.name for c in conditions], params.ci_level)
+                                   [c.name for c in conditions], params.ci_level,
+                                   [c.name for c in seg_conditions or []])
         plots = [out_dir / "plots" / n for n in names]
         (staging / "downstream.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
         (staging / "downstream_runs.json").write_text(json.dumps(json_safe(details), indent=2) + "\n")

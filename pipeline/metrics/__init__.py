@@ -7,6 +7,7 @@ kernel.py     KID / FID / Gaussian MMD math and the `*_domain` metrics
 diversity.py  duplicate_rate (birthday-paradox style) and mean_pairwise_distance
 placement.py  mask_in_region (generated mask inside the requested region), mask_area_in_range
 inception.py  inception_fid / inception_kid from user-supplied local weights only
+two_sample.py c2st: classifier two-sample test, held-out accuracy telling a set from real defects
 data.py       reading prepared real data and synthetic sets (shared with pipeline.downstream)
 evaluate.py   run_evaluate: the evaluate stage
 """
@@ -15,4 +16,4 @@ from pipeline.metrics.registry import METRICS, MetricContext, known_metrics, reg
 
 __all__ = ["METRICS", "MetricContext", "known_metrics", "register_metric", "validate_metric_names"]
 
-from pipeline.metrics import diversity, inception, kernel, placement, swd  # noqa: E402,F401  (fill METRICS)
+from pipeline.metrics import diversity, inception, kernel, placement, swd, two_sample  # noqa: E402,F401  (fill METRICS)

@@ -47,17 +47,26 @@ class PreparedInfo:
 
 @dataclass
 class ImageSet:
-    """Images with labels. images uint8 (N, C, H, W); masks uint8 (N, 1, H, W) 0/1; labels int64 (N,)."""
+    """Images with labels. images uint8 (N, C, H, W); masks uint8 (N, 1, H, W) 0/1; labels int64 (N,);
+    has_mask bool (N,): the mask is known (an empty mask of a defect image without one means
+    "unknown", not "clean"; None: every mask is known)."""
 
     images: np.ndarray
     masks: np.ndarray
     labels: np.ndarray
+    has_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def known_masks(self) -> np.ndarray:
+        """bool (N,): rows whose mask can be trusted (normals always: their mask is empty by definition)."""
+        known = np.ones(len(self.labels), bool) if self.has_mask is None else np.asarray(self.has_mask, bool)
+        return known | (self.labels == 0)
+
     def take(self, idx: np.ndarray) -> "ImageSet":
-        return ImageSet(self.images[idx], self.masks[idx], self.labels[idx])
+        return ImageSet(self.images[idx], self.masks[idx], self.labels[idx],
+                        None if self.has_mask is None else self.has_mask[idx])
 
 
 @dataclass
@@ -111,6 +120,7 @@ def load_real(prepared_dir: Path, splits: list[str] | tuple[str, ...]) -> ImageS
         images=np.concatenate([as_np(p["image"], np.uint8) for p in parts]),
         masks=np.concatenate([as_np(p["mask"], np.uint8) for p in parts]),
         labels=np.concatenate([as_np(p["label"], np.int64) for p in parts]),
+        has_mask=np.concatenate([as_np(p["has_mask"], bool) for p in parts]),
     )
 
 

@@ -2,8 +2,9 @@
 
 Comparisons (real = prepared images of `evaluate.real_splits`, held out from GAN training by
 default):
-  overall        all of a model's samples vs the real images of the classes it generated
-                 ("defect"-labelled samples count as every defect class)
+  overall        a model's defect samples (every label but normal) vs the real DEFECT images of
+                 the classes it generated ("defect"-labelled samples count as every defect
+                 class); never a real normal image (`comparison_groups`)
   per class k    the model's class-k samples vs real class-k images; "defect" samples vs all
                  real defect images (label_idx >= 1)
 
@@ -18,6 +19,23 @@ Outputs (written atomically into `out_dir`):
                  inputs of one image-to-image model's samples, unmodified (`metrics.data.
                  load_do_nothing`; the first such model of generate.models). A model whose fid_domain
                  is not below this row's has not made its inputs look more like real defects.
+  noise,         with `evaluate.reference_rows` (default on), two more rows, overall only:
+  real_vs_real   `noise` = uniform random images of the real images' shape (seeded), as many as
+                 the largest set, vs every real defect image: what a realism metric must call
+                 fake; `real_vs_real` = the real defect images halved, stratified by class
+                 (seeded): one half is the set, the other its reference: the floor at that size.
+  c2st           the classifier two-sample test (two_sample.py; Lopez-Paz & Oquab 2017): held-out
+                 accuracy of a classifier telling a set from real defect images. Issue 27: the
+                 domain features of fid_domain are trained to separate the real classes, not real
+                 from fake, and rank colour noise above doing nothing; c2st asks the question itself.
+                 Expected: noise ~1.0, real_vs_real ~0.5. It fits the registry's per-(real, fake)
+                 signature, so it is registered like the others (overall_only: not per class); the
+                 reference rows are what needs handling here: they are built as sets and given
+                 their own real reference explicitly (the noise: every real defect; real_vs_real:
+                 the other half), so every requested metric scores them the same way.
+                 A row (model or noise) whose c2st is above do_nothing's is flagged:
+                 `overall.c2st_worse_than_do_nothing: true` in metrics.json (false otherwise,
+                 absent when either value is missing) and "(worse than doing nothing)" in table.md.
   feature_net.pt the cached domain feature network (reused when data and settings match)
 MLflow: through `pipeline.tracking.log_evaluation(metrics, artifacts)`.
 """
@@ -41,6 +59,10 @@ from pipeline.metrics.fidelity import DOMAIN_CLASS_SPACE
 from pipeline.metrics.registry import MetricContext, MetricSpec, compute_metric, validate_metric_names
 
 MIN_IMAGES = 2     # per side; fewer and a comparison is reported as null
+NOISE = "noise"                  # reference row: uniform random images
+REAL_VS_REAL = "real_vs_real"    # reference row: half the real defect images vs the other half
+REFERENCE_ROWS = (DO_NOTHING, NOISE, REAL_VS_REAL)
+WORSE_FLAG = "c2st_worse_than_do_nothing"   # overall flag: c2st above the do_nothing row's
 
 
 def needed_spaces(specs: list[MetricSpec], params) -> set[str]:
@@ -55,7 +77,13 @@ def needed_spaces(specs: list[MetricSpec], params) -> set[str]:
 
 def comparison_groups(fake: SyntheticSet, real_labels: np.ndarray,
                       classes: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """[(group name, real indices, fake indices)]: "overall" first, then one per generated label."""
+    """[(group name, real indices, fake indices)]: "overall" first, then one per generated label.
+
+    "overall" is a defect set against real *defect* images only: the samples asked for a defect
+    (any label but normal) vs the real images of the defect classes they were asked for (every
+    real defect for "defect" samples, or when no sample names a defect class). A sample labelled
+    normal is compared with real normals in its own per-class group, never in "overall"."""
+    normal = classes[0]                                    # PreparedInfo: classes[0] == "normal"
     names = [c for c in classes if c in set(fake.label_names)]
     if DEFECT_LABEL in set(fake.label_names) and DEFECT_LABEL not in names:
         names.append(DEFECT_LABEL)
@@ -65,10 +93,64 @@ def comparison_groups(fake: SyntheticSet, real_labels: np.ndarray,
             return np.nonzero(real_labels >= 1)[0]
         return np.nonzero(real_labels == classes.index(name))[0]
 
-    overall_real = np.unique(np.concatenate([real_of(n) for n in names])) if names else np.zeros(0, int)
-    groups = [("overall", overall_real, np.arange(len(fake)))]
+    defect_names = [n for n in names if n != normal]
+    overall_real = (np.unique(np.concatenate([real_of(n) for n in defect_names])) if defect_names
+                    else np.nonzero(real_labels >= 1)[0])
+    groups = [("overall", overall_real, np.nonzero(fake.label_names != normal)[0])]
     groups += [(n, real_of(n), np.nonzero(fake.label_names == n)[0]) for n in names]
     return groups
+
+
+def noise_set(shape: tuple[int, ...], n: int, seed: int) -> SyntheticSet:
+    """`n` images of `shape` (C, H, W), every pixel uniform in 0..255 (seeded), labelled "defect"
+    (compared with every real defect image), empty masks, no regions: the `noise` row."""
+    images = np.random.default_rng([seed, 27]).integers(0, 256, (n, *shape), dtype=np.uint8)
+    empty = np.zeros((n, 1, *shape[1:]), np.uint8)
+    return SyntheticSet(model=NOISE, path=Path(NOISE), images=images, masks=empty, regions=empty,
+                        has_region=np.zeros(n, bool), label_names=np.asarray([DEFECT_LABEL] * n),
+                        label_idx=np.full(n, -1, np.int64))
+
+
+def real_halves(real: ImageSet, classes: list[str], seed: int) -> tuple[np.ndarray, SyntheticSet]:
+    """The `real_vs_real` row: the real defect images (label >= 1) split in two halves, stratified by
+    class (seeded; the first half takes the odd image). (indices of the first half in `real`, the
+    reference; the second half as a set, with its real labels and masks, no regions)."""
+    rng = np.random.default_rng([seed, 28])
+    first, second = [], []
+    for k in np.unique(real.labels[real.labels >= 1]):
+        idx = rng.permutation(np.nonzero(real.labels == k)[0])
+        first.append(idx[:(len(idx) + 1) // 2])
+        second.append(idx[(len(idx) + 1) // 2:])
+    ref = np.sort(np.concatenate(first)) if first else np.zeros(0, np.int64)
+    other = np.sort(np.concatenate(second)) if second else np.zeros(0, np.int64)
+    labels = real.labels[other]
+    half = SyntheticSet(model=REAL_VS_REAL, path=Path(REAL_VS_REAL), images=real.images[other],
+                        masks=real.masks[other], regions=np.zeros_like(real.masks[other]),
+                        has_region=np.zeros(len(other), bool),
+                        label_names=np.asarray([classes[k] for k in labels]), label_idx=labels.astype(np.int64))
+    return ref, half
+
+
+def flag_worse_than_do_nothing(results: dict[str, Any], metric: str = "c2st") -> list[str]:
+    """Set `overall.<metric>_worse_than_do_nothing` on every row but do_nothing and real_vs_real whose
+    `metric` (lower is better) is above the do_nothing row's; the rows flagged True. Nothing is set
+    where either value is missing (metric not computed, no do_nothing row, too few images)."""
+    base = results.get(DO_NOTHING, {}).get("overall", {}).get(metric)
+    if not _is_number(base):
+        return []
+    flagged = []
+    for model, entry in results.items():
+        value = entry["overall"].get(metric)
+        if model in (DO_NOTHING, REAL_VS_REAL) or not _is_number(value):
+            continue
+        entry["overall"][f"{metric}_worse_than_do_nothing"] = bool(value > base)
+        if value > base:
+            flagged.append(model)
+    return flagged
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def score_group(specs: list[MetricSpec], params, real: ImageSet, fake: SyntheticSet,
@@ -189,6 +271,20 @@ def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path
     if real is not None and len(real) == 0:
         raise DataError(f"{prepared_dir} has no images in splits {list(params.real_splits)}; "
                         "set evaluate.real_splits to splits that hold images (e.g. [train]).")
+    # Reference rows, scored against real defect images like every set (explicit groups below).
+    reference_groups: dict[str, np.ndarray] = {}
+    if params.reference_rows and synth:
+        n_noise = max(len(s) for s in synth.values())
+        synth[NOISE] = noise_set(real.images.shape[1:], n_noise, params.seed)
+        reference_groups[NOISE] = np.nonzero(real.labels >= 1)[0]
+        reference_groups[REAL_VS_REAL], synth[REAL_VS_REAL] = real_halves(real, info.classes, params.seed)
+        notes.append(f"{NOISE}: {n_noise} images of uniform random pixels (seed {params.seed}) vs every real "
+                     "defect image: a realism metric must call them fake (c2st near 1.0).")
+        notes.append(f"{REAL_VS_REAL}: {len(synth[REAL_VS_REAL])} real defect images vs the other "
+                     f"{len(reference_groups[REAL_VS_REAL])} (halves stratified by class): the floor at that "
+                     "sample size (c2st near 0.5; distances are biased up at small samples).")
+    overall_specs = specs
+    class_specs = [s for s in specs if not s.overall_only]
 
     cache_in = out_dir / "feature_net.pt"
     with atomic_dir(out_dir) as tmp:
@@ -201,18 +297,26 @@ def run_evaluate(params, prepared_dir: Path, synthetic_root: Path, out_dir: Path
                 for model in synth:
                     s = synth[model]
                     feats = {sp: (real_f[sp], fake_f[model][sp]) for sp in real_f}
-                    groups = comparison_groups(s, real.labels, info.classes)
+                    if model in reference_groups:          # overall only, against its own reference
+                        groups = [("overall", reference_groups[model], np.arange(len(s)))]
+                    else:
+                        groups = comparison_groups(s, real.labels, info.classes)
                     if not params.per_class_tables:
                         groups = groups[:1]
                     entry: dict[str, Any] = {"n_samples": len(s), "class_labelled": s.class_labelled}
                     for name, r_idx, f_idx in groups:
-                        scores = score_group(specs, params, real, s, r_idx, f_idx, feats)
+                        scores = score_group(overall_specs if name == "overall" else class_specs,
+                                             params, real, s, r_idx, f_idx, feats)
                         if name == "overall":
                             entry["overall"] = scores
                         else:
                             entry.setdefault("per_class", {})[name] = scores
                     results[model] = entry
                     models_bar.advance(1, note=model)
+            flagged = flag_worse_than_do_nothing(results)
+            if flagged:
+                notes.append(f"c2st worse than doing nothing: {', '.join(flagged)} (real defect images are told "
+                             f"apart from these sets more easily than from {DO_NOTHING}'s unmodified inputs).")
         else:
             notes.append("no synthetic sets found: nothing to evaluate.")
         metrics = {
@@ -252,10 +356,18 @@ def render_table(metrics: dict, specs: list[MetricSpec]) -> str:
                   "|---|---:|" + "---:|" * len(names)]
         for model, entry in models.items():
             ov = entry["overall"]
-            lines.append(f"| {model} | {ov['n_fake']} | " + " | ".join(_fmt(ov.get(n)) for n in names) + " |")
+            mark = " (worse than doing nothing)" if ov.get(WORSE_FLAG) else ""
+            lines.append(f"| {model}{mark} | {ov['n_fake']} | " + " | ".join(_fmt(ov.get(n)) for n in names) + " |")
         lines.append("")
-        details = sorted({k for e in models.values() for k in e["overall"]
-                          if k not in names and k not in ("n_real", "n_fake", "note")})
+        if any(e["overall"].get(WORSE_FLAG) for e in models.values()):
+            lines += [f"(worse than doing nothing): c2st above the {DO_NOTHING} row's: a classifier tells real "
+                      "defect images from this set more easily than from the unmodified normal inputs.", ""]
+        if any(m in models for m in REFERENCE_ROWS):
+            lines += [f"Reference rows: {DO_NOTHING} = the unmodified normal inputs (the score to beat), "
+                      f"{NOISE} = uniform random pixels (what a realism metric must call fake), {REAL_VS_REAL} = "
+                      "half the real defect images vs the other half (the floor at that sample size).", ""]
+        details = sorted({k for e in models.values() for k, v in e["overall"].items()
+                          if k not in names and k not in ("n_real", "n_fake", "note") and not isinstance(v, bool)})
         if details:
             lines += ["Details (overall):", "",
                       "| model | " + " | ".join(details) + " |", "|---|" + "---:|" * len(details)]
@@ -266,7 +378,7 @@ def render_table(metrics: dict, specs: list[MetricSpec]) -> str:
         classes = list(dict.fromkeys(classes))
         if classes:
             lines += ["## Per class (synthetic class k vs real class k; 'defect' vs all real defects)", ""]
-            for n in names:
+            for n in (s.name for s in specs if not s.overall_only):
                 lines += [f"### {n} {arrow[n]}", "", "| model | " + " | ".join(classes) + " |",
                           "|---|" + "---:|" * len(classes)]
                 for model, entry in models.items():

@@ -9,7 +9,9 @@ Every metric has the same signature:
 
 Lower is better unless the metric's spec says otherwise. A metric may record extra named
 values (SWD per pyramid level, the real-set reference of a diversity score) with
-`ctx.detail("suffix", value)`; they are reported as `<name>_<suffix>`.
+`ctx.detail("suffix", value)`; they are reported as `<name>_<suffix>`. A metric registered with
+`overall_only=True` (c2st: it trains classifiers, and a class's dozen real images leave a test
+split of three) is computed for the overall comparison only, not per class.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ class MetricSpec:
     needs: frozenset[str]        # feature spaces it reads: "domain", "domain_class", "inception"
     lower_is_better: bool
     description: str
+    overall_only: bool = False   # computed for the overall comparison only, never per class
 
 
 METRICS: dict[str, MetricSpec] = {}
 
 
 def register_metric(name: str, *, needs: tuple[str, ...] = (), lower_is_better: bool = True,
-                    description: str = "") -> Callable[[MetricFn], MetricFn]:
+                    description: str = "", overall_only: bool = False) -> Callable[[MetricFn], MetricFn]:
     """Decorator: register `fn` under `name` (names are unique)."""
 
     def decorator(fn: MetricFn) -> MetricFn:
@@ -48,7 +51,7 @@ def register_metric(name: str, *, needs: tuple[str, ...] = (), lower_is_better: 
             raise ValueError(f"metric {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         METRICS[name] = MetricSpec(name, fn, frozenset(needs), lower_is_better,
-                                   description or (doc[0] if doc else name))
+                                   description or (doc[0] if doc else name), overall_only)
         return fn
 
     return decorator
@@ -68,7 +71,7 @@ def validate_metric_names(names: list[str], key: str = "evaluate.metrics") -> li
 
 def _load_builtin_metrics() -> None:
     """Import the modules whose decorators fill METRICS (explicit list, grep-able)."""
-    from pipeline.metrics import diversity, fidelity, inception, kernel, placement, swd  # noqa: F401
+    from pipeline.metrics import diversity, fidelity, inception, kernel, placement, swd, two_sample  # noqa: F401
 
 
 @dataclass
