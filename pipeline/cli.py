@@ -17,24 +17,96 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from pipeline import console
 from pipeline.errors import PipelineError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+PACKAGE = "defect-synth-pipeline"
+
+
+def families() -> list[str]:
+    """The GAN families `train --stage` accepts (pipeline.models.REGISTRY; imports torch)."""
+    from pipeline.models import REGISTRY
+
+    return list(REGISTRY)
+
+
+def sources() -> list[str]:
+    """The data sources `prepare.source` accepts (the Literal of PrepareParams.source)."""
+    import typing
+
+    from pipeline.config import PrepareParams
+
+    return list(typing.get_args(typing.get_type_hints(PrepareParams)["source"]))
+
+
+# Help texts may name `{families}` / `{sources}`: filled when help is shown, so the lists come from
+# the registry and the params schema, and no command pays the torch import just to start.
+_HELP_LISTS = {"{families}": families, "{sources}": sources}
+
+
+def _fill_help(text: Optional[str]) -> Optional[str]:
+    for key, values in _HELP_LISTS.items():
+        if text and key in text:
+            text = text.replace(key, ", ".join(values()))
+    return text
+
+
+def _plain_flags(params: list) -> list:
+    """typer 0.29 shows a type column for every option, `<bool>` after switches too (--help
+    included); a switch takes no value, so its type column is left empty."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+    def format_help(self, ctx, formatter):
+        self.help = _fill_help(self.help)
+        for param in self.get_params(ctx):
+            param.help = _fill_help(getattr(param, "help", None))
+        return super().format_help(ctx, formatter)
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_Group,
                   help="Synthetic defect datasets: prepare -> train -> generate -> evaluate -> downstream.")
-cluster_app = typer.Typer(no_args_is_help=True, help="A local multi-node Ray cluster on this machine.")
+cluster_app = typer.Typer(no_args_is_help=True, cls=_Group, help="A local multi-node Ray cluster on this machine.")
 app.add_typer(cluster_app, name="cluster")
+command = functools.partial(app.command, cls=_Command)
+cluster_command = functools.partial(cluster_app.command, cls=_Command)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 HeadlineOpt = typer.Option(None, "--headline", help="also write the headline DVC metrics (JSON) here")
 HeadlineDirOpt = typer.Option(None, "--headline-dir", help="also write the headline DVC metrics into this folder")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"pipeline {version(PACKAGE)}")
+        except PackageNotFoundError:  # a checkout that was never `pip install -e .`-ed
+            typer.echo("pipeline (version unknown: the package is not installed; pip install -e .)")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(verbose: bool = typer.Option(False, "--verbose", "-v",
                                               help="show Ray's, Ray Train's, Ray Data's and MLflow's own logs "
-                                                   "(also PIPELINE_VERBOSE=1)")):
+                                                   "(also PIPELINE_VERBOSE=1)"),
+                 version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                              help="print the package version and exit")):
     """Synthetic defect datasets: prepare -> train -> generate -> evaluate -> downstream."""
     console.setup(verbose)
 
@@ -66,11 +138,14 @@ def user_errors(fn):
     return wrapper
 
 
-@app.command()
+@command()
 @user_errors
 def prepare(params: Path = ParamsOpt,
-            out: Path = typer.Option(Path("data/prepared"), help="output folder")):
-    """Validate, convert, split and write a ready-to-train dataset (Parquet + stats + preview)."""
+            out: Path = typer.Option(Path("data/prepared"), help="folder the prepared dataset is written to")):
+    """Validate, convert, split and write a ready-to-train dataset (Parquet + stats + preview).
+
+    The data source is `prepare.source` in the params file, one of: {sources}.
+    """
     from pipeline.config import load_params
     from pipeline.data.prepare import run_prepare
 
@@ -84,21 +159,25 @@ def prepare(params: Path = ParamsOpt,
             st.summary += f"; {stats['skipped_count']} file(s) skipped, reasons in {out / 'stats.json'}"
 
 
-@app.command()
+@command()
 @user_errors
-def train(stage: str = typer.Option(..., "--stage", help="GAN family to train"),
+def train(stage: str = typer.Option(..., "--stage", help="GAN family to train, one of: {families}"),
           params: Path = ParamsOpt,
           data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
           out: Optional[Path] = typer.Option(None, help="model output folder (default models/<stage>)"),
           address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; local Ray when absent"),
-          num_workers: Optional[int] = typer.Option(None, help="Ray Train workers"),
-          cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per worker"),
-          use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+          num_workers: Optional[int] = typer.Option(None, help="number of Ray Train workers (default: params' ray section)"),
+          cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per Ray Train worker"),
+          use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu",
+                                                 help="one GPU per worker, or none (default: params' ray section)"),
           resume: bool = typer.Option(False, "--resume", help="continue the named run from its last checkpoint"),
           run_name: Optional[str] = typer.Option(None, help="run name (Ray run folder and MLflow run)"),
-          dvc_stage: Optional[str] = typer.Option(None, hidden=True, help="set by dvc.yaml"),
+          dvc_stage: Optional[str] = typer.Option(None, hidden=True, help="DVC stage name (set by dvc.yaml)"),
           headline: Optional[Path] = HeadlineOpt):
-    """Train one GAN family on Ray Train, tracked in MLflow."""
+    """Train one GAN family on Ray Train, tracked in MLflow.
+
+    Families (--stage): {families}.
+    """
     from pipeline.config import load_params
     from pipeline.models import family_class
     from pipeline.training.loop import TrainJob
@@ -127,15 +206,16 @@ def train(stage: str = typer.Option(..., "--stage", help="GAN family to train"),
                       + f"; Ray: {summary['ray']}, {summary['ray_connect_s']:.1f} s)")
 
 
-@app.command()
+@command()
 @user_errors
 def generate(params: Path = ParamsOpt,
              model: Optional[str] = typer.Option(None, help="family whose generator to use (default generate.default_model)"),
              models_dir: Path = typer.Option(Path("models"), help="trained models folder"),
              data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
              out: Optional[Path] = typer.Option(None, help="output folder (default data/synthetic/<model>)"),
-             address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS"),
-             use_gpu: bool = typer.Option(False, "--use-gpu")):
+             address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS",
+                                                   help="Ray cluster address; local Ray when absent"),
+             use_gpu: bool = typer.Option(False, "--use-gpu", help="run the generators on GPUs (one per actor)")):
     """Generate a labelled, masked synthetic defect dataset with Ray Data."""
     from pipeline.config import load_params
     from pipeline.generation.ray_generate import run_generate, shortfall_advice
@@ -155,12 +235,12 @@ def generate(params: Path = ParamsOpt,
             st.summary += f"; {short} short of generate.per_class={cfg.generate.per_class}: {shortfall_advice()}"
 
 
-@app.command()
+@command()
 @user_errors
 def evaluate(params: Path = ParamsOpt,
-             data: Path = typer.Option(Path("data/prepared")),
-             synthetic: Path = typer.Option(Path("data/synthetic")),
-             out: Path = typer.Option(Path("reports/evaluate")),
+             data: Path = typer.Option(Path("data/prepared"), help="prepared (real) dataset folder"),
+             synthetic: Path = typer.Option(Path("data/synthetic"), help="folder of synthetic sets, one per model"),
+             out: Path = typer.Option(Path("reports/evaluate"), help="folder for the metrics table and report"),
              headline_dir: Optional[Path] = HeadlineDirOpt):
     """Offline metrics (SWD, domain KID/FID, MMD, diversity, placement) per model and class."""
     from pipeline import tracking
@@ -179,12 +259,12 @@ def evaluate(params: Path = ParamsOpt,
         st.summary = f"{len(metrics['models'])} model(s) scored -> {out / 'table.md'}" + _notes_there(metrics["notes"])
 
 
-@app.command()
+@command()
 @user_errors
 def downstream(params: Path = ParamsOpt,
-               data: Path = typer.Option(Path("data/prepared")),
-               synthetic: Path = typer.Option(Path("data/synthetic")),
-               out: Path = typer.Option(Path("reports")),
+               data: Path = typer.Option(Path("data/prepared"), help="prepared (real) dataset folder"),
+               synthetic: Path = typer.Option(Path("data/synthetic"), help="folder of synthetic sets, one per model"),
+               out: Path = typer.Option(Path("reports"), help="folder for the summary and per-run results"),
                headline_dir: Optional[Path] = HeadlineDirOpt,
                plot_data: Optional[Path] = typer.Option(None, "--plot-data",
                                                          help="also write scores vs shots as a TSV (DVC plot) here")):
@@ -210,17 +290,19 @@ def downstream(params: Path = ParamsOpt,
         st.summary = f"-> {out / 'summary.md'}" + _notes_there(notes)
 
 
-@app.command()
+@command()
 @user_errors
-def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"),
-       host: str = typer.Option("127.0.0.1", help="bind address; keep loopback unless behind an auth proxy")):
-    """Start the MLflow UI against the pipeline's tracking store."""
+def ui(port: int = typer.Option(5000, help="port to serve the UI on"),
+       host: str = typer.Option("127.0.0.1", help="bind address; keep loopback unless behind an auth proxy"),
+       verbose: bool = typer.Option(False, "--verbose", "-v",
+                                    help="also show the server's access log and warnings (as `pipeline -v ui`)")):
+    """Start the MLflow UI against the pipeline's tracking store; prints one line with its URL."""
     from pipeline.tracking import serve_ui
 
-    serve_ui(host=host, port=port)
+    serve_ui(host=host, port=port, verbose=verbose or console.verbose())
 
 
-@cluster_app.command("up")
+@cluster_command("up")
 @user_errors
 def cluster_up(nodes: int = typer.Option(2, help="head + workers"),
                cpus_per_node: float = typer.Option(1, help="CPUs each node offers"),
@@ -231,7 +313,7 @@ def cluster_up(nodes: int = typer.Option(2, help="head + workers"),
     up(nodes=nodes, cpus_per_node=cpus_per_node, object_store_mb=object_store_mb)
 
 
-@cluster_app.command("down")
+@cluster_command("down")
 @user_errors
 def cluster_down():
     """Stop the nodes `cluster up` started (by PID, nothing else)."""

@@ -10,8 +10,10 @@
    sat on both nodes; `pipeline cluster down` leaves none of the recorded PIDs alive.
 3. The MLflow UI in headless Chromium: the run page renders the run name, a metric and the
    shared `pipeline.repro_id` tag; the registered model version page of the trained generator
-   renders its dataset hash and its training run; the screenshots are kept in tests/artifacts/
-   ($PIPELINE_TEST_ARTIFACTS).
+   renders its dataset hash and its training run, and in its description the repro id, the
+   generator's sha256 and the model version; the experiment opens in the model-training view (its
+   `mlflow.experimentKind` tag) on its runs; a generate run is named `generate-<model>-...` and its
+   page shows its lineage; the screenshots are kept in tests/artifacts/ ($PIPELINE_TEST_ARTIFACTS).
 
 System packages: infra/ci-system-packages.sh (postgresql, chromium). Python: psycopg[binary] (psycopg 3).
 """
@@ -349,7 +351,8 @@ def test_two_node_cluster_training_tracked_in_mlflow(workdir, tracking_server):
         mv_tags = {x["key"]: x["value"] for x in mv["model_version"].get("tags", [])}
         assert mv["model_version"]["run_id"] == run_id and mv_tags["dataset_hash"] == t["dataset_hash"], mv
         RESULT.update(run_id=run_id, run_name=run_name, experiment_id=exp_id, metric="D/loss", repro=repro,
-                      model=model, version=version, dataset_hash=t["dataset_hash"])
+                      model=model, version=version, dataset_hash=t["dataset_hash"],
+                      generator_sha=t.get("pipeline.generator_sha256"))
     finally:
         start = time.monotonic()
         down = subprocess.run([*PIPELINE, "cluster", "down"], env=env, capture_output=True, text=True,
@@ -417,7 +420,47 @@ def test_mlflow_run_page_renders_in_chromium(workdir, tracking_server):
     assert page.returncode == 0, page.stderr[-2000:]
     assert RESULT["dataset_hash"] in page.stdout, "the version page lists its dataset_hash tag"
     assert RESULT["run_id"] in page.stdout, "the version page links its training run"
+    # Lineage in the version's description (the page shows only some of its tags).
+    for value in (RESULT["repro"], RESULT["generator_sha"], f"{RESULT['model']}/{RESULT['version']}"):
+        assert value and value in page.stdout, f"the version page shows {value}"
     shot = workdir / "mlflow-model-version-page.png"
     res = chromium(version_url, Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir)), f"--screenshot={shot}")
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
     shutil.copy2(shot, artifacts_dir() / "mlflow-model-version-page.png")
+
+    # The training run's page shows its lineage in the description too.
+    assert RESULT["generator_sha"] in html, "the run page shows the generator's sha256"
+
+    # The experiment opens in the model-training view, listing its runs.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_server.url)
+    exp = client.get_experiment(RESULT["experiment_id"])
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development", exp.tags
+    exp_url = f"{tracking_server.url}/#/experiments/{RESULT['experiment_id']}"
+    page = chromium(exp_url, Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir)), "--dump-dom")
+    assert page.returncode == 0 and f">{RESULT['run_name']}<" in page.stdout, "the experiment opens on its runs"
+    shot = workdir / "mlflow-experiment-page.png"
+    chromium(exp_url, Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir)), f"--screenshot={shot}")
+    shutil.copy2(shot, artifacts_dir() / "mlflow-experiment-page.png")
+
+    # A generate run: named with its model, its lineage on its page.
+    from pipeline import tracking
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_server.url
+    try:
+        gen_id = tracking.log_generation({"model": FAMILY}, {"generated": 4}, [], tags={
+            "lineage.train_run_id": RESULT["run_id"], "lineage.generator_sha256": RESULT["generator_sha"],
+            "lineage.model_version": f"{RESULT['model']}/{RESULT['version']}"})
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    gen = client.get_run(gen_id)
+    assert gen.info.run_name.startswith(f"generate-{FAMILY}-")
+    gen_url = f"{tracking_server.url}/#/experiments/{gen.info.experiment_id}/runs/{gen_id}"
+    page = chromium(gen_url, Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir)), "--dump-dom")
+    assert page.returncode == 0 and f">{gen.info.run_name}<" in page.stdout, page.stdout[-2000:]
+    for value in (RESULT["run_id"], RESULT["generator_sha"], f"{RESULT['model']}/{RESULT['version']}"):
+        assert value in page.stdout, f"the generate run page shows {value}"
+    shot = workdir / "mlflow-generate-run-page.png"
+    chromium(gen_url, Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir)), f"--screenshot={shot}")
+    shutil.copy2(shot, artifacts_dir() / "mlflow-generate-run-page.png")

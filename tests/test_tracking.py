@@ -334,3 +334,104 @@ def test_default_registered_model_name_per_family(store, prepared):
     p = tracking.plan_training_run("cyclegan", "r1", "L9", {"family": "cyclegan"}, prepared, "train@cyclegan", None)
     assert p.register_model == "defect-synth-cyclegan" and p.tags["dvc_stage"] == "train@cyclegan"
     assert tracking.plan_training_run("cyclegan", "r2", "L10", {}, prepared, None, "mine").register_model == "mine"
+
+
+# --------------------------------------------------------------------------- issue 30: what the UI shows
+
+def test_experiments_open_in_the_model_training_view(store):
+    c = client(store)
+    new = tracking.ensure_experiment(c, "defect-synth/new", store)
+    assert c.get_experiment(new).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    old = c.create_experiment("defect-synth/old")          # made before the tag existed
+    assert tracking.EXPERIMENT_KIND_TAG not in c.get_experiment(old).tags
+    assert tracking.ensure_experiment(c, "defect-synth/old", store) == old
+    assert c.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    mine = c.create_experiment("defect-synth/mine", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    tracking.ensure_experiment(c, "defect-synth/mine", store)   # a user's choice is left alone
+    assert c.get_experiment(mine).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_runs_are_named_by_stage_and_model_and_describe_their_lineage(store, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv(tracking.REPRO_ENV, "repro-30")
+    out = tmp_path / "final" / "defectgan"
+    out.mkdir(parents=True)
+    (out / "generator_ema.pt").write_bytes(b"weights 30")
+    p = plan(store, launch_id="L30", name="train-defectgan-r1")
+    p.experiment, p.register_model = "defect-synth/defectgan", "defect-synth-test-defectgan"
+    p.tags.update({"dataset_hash": "e" * 64, tracking.REPRO_TAG: tracking.repro_id(), "family": "defectgan",
+                   "ray.run_name": "train-defectgan-r1"})
+    logger = tracking.TrainRunLogger(p)
+    logger.on_start(None, 0)
+    c = client(store)
+    assert "repro-30" in c.get_run(logger.run_id).data.tags[tracking.NOTE_TAG]     # visible while it trains
+    logger.on_end(out, {"D/loss": 1.0}, torch.nn.Linear(2, 2))
+
+    train = c.get_run(logger.run_id)
+    sha = tracking.file_sha256(out / "generator_ema.pt")
+    (version,) = c.search_model_versions("name = 'defect-synth-test-defectgan'")
+    model_version = f"defect-synth-test-defectgan/{version.version}"
+    assert c.get_experiment(train.info.experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    for text in (train.data.tags[tracking.NOTE_TAG], version.description):
+        for value in ("repro-30", sha, logger.run_id, model_version, "e" * 64):
+            assert value in text
+        assert f"`{tracking.REPRO_TAG}`" in text and f"`{tracking.GENERATOR_SHA_TAG}`" in text
+    assert version.description.startswith("EMA generator of defectgan run train-defectgan-r1")
+
+    models = tmp_path / "models" / "defectgan"
+    models.mkdir(parents=True)
+    (models / "generator_ema.pt").write_bytes(b"weights 30")
+    synthetic = tmp_path / "synthetic" / "defectgan"
+    synthetic.mkdir(parents=True)
+    (synthetic / "manifest.json").write_text('{"model": "defectgan"}')
+    gen = c.get_run(tracking.log_generation({"model": "defectgan"}, {"generated": 8}, [], tags={
+        **tracking.lineage_for_model(models), tracking.MANIFEST_SHA_TAG: tracking.file_sha256(synthetic / "manifest.json")}))
+    assert gen.info.run_name.startswith("generate-defectgan-") and gen.data.tags["model"] == "defectgan"
+    note = gen.data.tags[tracking.NOTE_TAG]
+    assert "defectgan" in note.splitlines()[0]
+    for key, value in (("lineage.train_run_id", logger.run_id), ("lineage.model_version", model_version),
+                       ("lineage.generator_sha256", sha), (tracking.REPRO_TAG, "repro-30")):
+        assert f"- `{key}`: {value}" in note
+
+    with tracking.stage_tags(tracking.lineage_for_synthetic(tmp_path / "synthetic", ["defectgan"])):
+        ev = c.get_run(tracking.log_evaluation({"swd": 0.1}, []))
+        down = c.get_run(tracking.log_downstream({"acc": 0.9}, []))
+    assert ev.info.run_name.startswith("evaluate-") and down.info.run_name.startswith("downstream-")
+    for run in (ev, down):
+        note = run.data.tags[tracking.NOTE_TAG]
+        assert f"- `lineage.defectgan.generate_run_id`: {gen.info.run_id}" in note
+        assert f"- `lineage.defectgan.model_version`: {model_version}" in note
+
+
+def test_ui_server_logs_no_access_lines_unless_verbose():
+    quiet = tracking.ui_command("127.0.0.1", 5001, "sqlite:////tmp/x.db")
+    assert quiet[quiet.index("--uvicorn-opts") + 1] == "--no-access-log --log-level warning"
+    assert "--uvicorn-opts" not in tracking.ui_command("127.0.0.1", 5001, "sqlite:////tmp/x.db", verbose=True)
+
+
+@pytest.mark.slow
+def test_ui_prints_one_line_for_several_page_loads(tmp_path, store):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "pipeline ui did not start"
+                time.sleep(0.3)
+        for path in ("/", "/health", "/api/2.0/mlflow/experiments/search?max_results=5") * 3:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read()
+    finally:
+        stop(proc)
+    lines = [line for line in proc.stdout.read().splitlines() if line.strip()]
+    assert lines[1:] == ["interrupted"], lines          # the stop (SIGTERM, as Ctrl+C) says so
+    assert f"MLflow UI at http://127.0.0.1:{port}" in lines[0]
+    log = Path(lines[0].split("server log ")[1].split(";")[0])
+    assert "GET /" not in log.read_text()                # no access log, not even in the file
+    log.unlink()

@@ -7,7 +7,8 @@ Layout of <out_dir> (data/synthetic/<model>/ by default):
     images/<class>/<id>.png     ImageFolder tree a classifier reads directly; the pixel mask
     images/<class>/<id>_mask.png    of each image sits beside it
     manifest.json               model, checkpoint sha256, seed, params, counts, dropped, classes
-    preview.png                 rows normal input | generated | mask (| region), a column per sample,
+    preview.png                 titled; rows "input (normal)" | "output (generated)" | "generated mask"
+                                (| "requested mask"), a column per sample labelled with its class,
                                 up to 8 columns spread over the classes
 
 The writer only ever writes inside the folder it is given; `ray_generate` gives it the
@@ -92,7 +93,7 @@ class SyntheticWriter:
             self.counts[label] += 1
             if self._preview_quota.get(label, 0) > 0:
                 self._preview_quota[label] -= 1
-                self._preview.append({"normal": normal_png(i), "image": rows["image_png"][i],
+                self._preview.append({"label": label, "normal": normal_png(i), "image": rows["image_png"][i],
                                       "mask": rows["mask_png"][i], "region": rows["region_png"][i]})
         for name in SCHEMA.names:
             self._pending[name].extend(rows[name])
@@ -108,9 +109,18 @@ class SyntheticWriter:
         self._flush()
         self._parquet.close()
         if self._preview:
-            save_grid(self._preview_rows(), self.root / PREVIEW_FILE, max_cols=PREVIEW_COLUMNS)
+            save_grid(self._preview_rows(), self.root / PREVIEW_FILE, max_cols=PREVIEW_COLUMNS,
+                      **self.preview_text(manifest))
         manifest = {"kind": MANIFEST_KIND, **manifest}
         (self.root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    def preview_text(self, manifest: dict) -> dict:
+        """Title, column labels (each sample's class) and row labels of preview.png."""
+        model = manifest.get("model", "?")
+        return {"title": f"Synthetic {model} set: generated defects on normal images (a column per sample)",
+                "columns": [p["label"] for p in self._preview],
+                "row_labels": {"normal": "input (normal)", "generated": "output (generated)",
+                               "mask": "generated mask", "mask_region": "requested mask"}}
 
     def _preview_rows(self) -> dict[str, torch.Tensor]:
         def stack(key: str, channels: int, unit: bool) -> torch.Tensor:

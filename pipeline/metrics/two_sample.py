@@ -5,7 +5,7 @@ classifier on part of two samples (label 0 = real, 1 = the other set) and score 
 images of both. Under the null hypothesis (same distribution) its held-out accuracy is 0.5; the
 further above 0.5, the more visibly the set differs from real data. `fid_domain`'s features come
 from a network trained to separate the real *classes*, which never learned what makes an image
-look real (issue 27: it ranked colour noise above "doing nothing"); the classifier here is
+look real (it can rank colour noise above "doing nothing"); the classifier here is
 trained on exactly the question "real or not", so no feature space has to be trusted and a set
 cannot game it by landing near real images in someone else's embedding.
 

@@ -19,6 +19,12 @@ REPRO_ENV = "PIPELINE_REPRO_ID"
 GENERATOR_SHA_TAG = "pipeline.generator_sha256"
 MODEL_VERSION_TAG = "pipeline.model_version"
 MANIFEST_SHA_TAG = "pipeline.manifest_sha256"
+NOTE_TAG = "mlflow.note.content"   # the run's "Description" in the UI (markdown)
+
+# Tags shown in descriptions, in this order; plus every `lineage.*` tag. The model-version page shows
+# only some of its tags and the run page folds them away, so lineage is written out in the text too.
+_NOTE_KEYS = (REPRO_TAG, "train_run_id", MODEL_VERSION_TAG, GENERATOR_SHA_TAG, MANIFEST_SHA_TAG,
+              "dataset_hash", "git_commit", "dvc_stage", "dvc_experiment")
 
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 
@@ -87,3 +93,11 @@ def run_context_tags() -> dict[str, str]:
 
 def default_model_name(family: str) -> str:
     return f"{EXPERIMENT_PREFIX}-{family}"
+
+
+def lineage_note(title: str, tags: dict[str, str]) -> str:
+    """Markdown for a run's or a model version's description: `title`, then one line per lineage tag
+    present (`key`: value), keys spelled as in tag searches (`tags.pipeline.repro_id = '...'`)."""
+    keys = [k for k in _NOTE_KEYS if tags.get(k)] + sorted(k for k in tags if k.startswith("lineage.") and tags[k])
+    lines = [title, ""] + [f"- `{k}`: {tags[k]}" for k in keys]
+    return "\n".join(lines).strip() + "\n"

@@ -1,6 +1,8 @@
 """The results of generate, evaluate and downstream, one MLflow run per stage in
-"defect-synth/<stage>". Tracking never fails a stage: an unusable store is a TrackingWarning.
-The CLI wraps a stage in `stage_tags` to add its lineage tags (pipeline.tracking.lineage)."""
+"defect-synth/<stage>", named `<stage>-<timestamp>` (generate: `generate-<model>-<timestamp>`), its
+lineage tags also written out in the run's description. Tracking never fails a stage: an unusable
+store is a TrackingWarning. The CLI wraps a stage in `stage_tags` to add its lineage tags
+(pipeline.tracking.lineage)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.tracking import mlflow_api
-from pipeline.tracking.run_metadata import flat_params, run_context_tags, sanitize_name
+from pipeline.tracking.run_metadata import NOTE_TAG, flat_params, lineage_note, run_context_tags, sanitize_name
 from pipeline.tracking.store import TrackingWarning, check_tracking, ensure_experiment, experiment_name, tracking_uri
 from pipeline.validation import flatten
 
@@ -33,8 +35,9 @@ def stage_tags(tags: dict[str, str]):
 
 
 def _log_stage(kind: str, params: dict, metrics: dict, artifacts: Iterable[Path],
-               tags: dict | None = None) -> str | None:
+               tags: dict | None = None, model: str | None = None) -> str | None:
     """Log one stage's results in "defect-synth/<kind>"; continue MLFLOW_RUN_ID's run when set.
+    A new run is named `<kind>[-<model>]-<timestamp>`.
 
     Returns the run id, or None (with a TrackingWarning) when tracking is unavailable.
     """
@@ -47,8 +50,13 @@ def _log_stage(kind: str, params: dict, metrics: dict, artifacts: Iterable[Path]
         if run_id:
             client.update_run(run_id, status="RUNNING")
         else:
-            run_id = client.create_run(exp_id, run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}").info.run_id
-        all_tags = {"stage": kind, **run_context_tags(), **_STAGE_TAGS, **(tags or {})}
+            name = "-".join([kind, *([sanitize_name(model).replace("/", "_")] if model else []),
+                             time.strftime("%Y%m%d-%H%M%S")])
+            run_id = client.create_run(exp_id, run_name=name).info.run_id
+        all_tags = {"stage": kind, **({"model": model} if model else {}), **run_context_tags(), **_STAGE_TAGS,
+                    **(tags or {})}
+        all_tags[NOTE_TAG] = lineage_note(f"**{kind}**" + (f" with the {model} generator" if model else ""),
+                                          {k: str(v) for k, v in all_tags.items()})
         flat_metrics = {sanitize_name(k): float(v) for k, v in flatten(metrics).items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         p = mlflow_api.params(flat_params(params))
@@ -72,7 +80,8 @@ def _log_stage(kind: str, params: dict, metrics: dict, artifacts: Iterable[Path]
 
 
 def log_generation(params: dict, metrics: dict, artifacts: list[Path], tags: dict | None = None) -> str | None:
-    return _log_stage("generate", params, metrics, artifacts, tags)
+    """The generate run; `params["model"]` (the family whose generator was used) names it."""
+    return _log_stage("generate", params, metrics, artifacts, tags, model=params.get("model"))
 
 
 def log_evaluation(metrics: dict, artifacts: list[Path]) -> str | None:

@@ -21,6 +21,10 @@ from pipeline.errors import PipelineError
 EXPERIMENT_PREFIX = "defect-synth"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+# MLflow 3's UI opens an experiment by this tag: without it, on the GenAI "Overview" (traces), with
+# training runs filed under "Evaluation runs"; `custom_model_development` is the model-training view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class TrackingError(PipelineError):
@@ -107,16 +111,21 @@ def check_tracking(uri: str | None = None, timeout: float = 3.0) -> str:
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
-    """Id of experiment `name`, created with an explicit artifact location for sqlite stores."""
+    """Id of experiment `name`, created with an explicit artifact location for sqlite stores and
+    tagged as model development, so MLflow's UI opens it on its runs (an older experiment of ours
+    without the tag gets it too; one a user set to another kind is left alone)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     root = artifact_root(uri)
     location = (root / name).as_uri() if root is not None else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:

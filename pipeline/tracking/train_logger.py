@@ -12,7 +12,8 @@ logger warns once per outage and never raises, so training is never lost to trac
 
 Every trained generator becomes a version of the registered model `train.common.register_model`
 (default `defect-synth-<family>`), tagged with the dataset hash, the sha256 of generator_ema.pt,
-the git commit, the DVC stage and the repro id.
+the git commit, the DVC stage and the repro id. The UI shows only some tags of a model version and
+folds a run's away, so the same lineage is written into the version's and the run's descriptions.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Any
 from pipeline.fsutil import file_sha256
 from pipeline.tracking import mlflow_api
 from pipeline.tracking.hashing import dataset_hash
-from pipeline.tracking.run_metadata import (GENERATOR_SHA_TAG, LAUNCH_TAG, MODEL_VERSION_TAG, REPRO_TAG,
-                                            default_model_name, flat_params, run_context_tags, sanitize_name)
+from pipeline.tracking.run_metadata import (GENERATOR_SHA_TAG, LAUNCH_TAG, MODEL_VERSION_TAG, NOTE_TAG, REPRO_TAG,
+                                            default_model_name, flat_params, lineage_note, run_context_tags,
+                                            sanitize_name)
 from pipeline.tracking.store import TrackingError, TrackingWarning, check_tracking, ensure_experiment, experiment_name
 
 MODEL_NAME = "generator"          # artifact name of the logged EMA generator
@@ -117,6 +119,7 @@ class TrainRunLogger:
                 self._pending.append(("tag", (GENERATOR_SHA_TAG, file_sha256(export))))
         if generator is not None:
             self._pending.append(("model", generator))
+        self._pending.append(("note", None))     # the description, with the lineage known only now
         self._pending.append(("finish", "FINISHED"))
         for attempt in range(3):
             if self._flush():
@@ -188,7 +191,10 @@ class TrainRunLogger:
         items = mlflow_api.params(params)
         for i in range(0, len(items), 100):
             client.log_batch(self.run_id, params=items[i:i + 100])
-        tags = mlflow_api.tags({**self.plan.tags, **self.extra_tags})
+        values = {**self.plan.tags, **self.extra_tags}
+        if NOTE_TAG not in run.data.tags:
+            values[NOTE_TAG] = self._note({**values, "train_run_id": self.run_id})
+        tags = mlflow_api.tags(values)
         for i in range(0, len(tags), 100):
             client.log_batch(self.run_id, tags=tags[i:i + 100])
         for key in run.data.metrics:  # steps a previous attempt already logged
@@ -218,6 +224,9 @@ class TrainRunLogger:
                 self._register(client, info)
         elif kind == "tag":
             client.set_tag(self.run_id, *payload)
+        elif kind == "note":
+            tags = client.get_run(self.run_id).data.tags
+            client.set_tag(self.run_id, NOTE_TAG, self._note({**tags, "train_run_id": self.run_id}))
         elif kind == "finish":
             client.set_terminated(self.run_id, status=payload)
 
@@ -232,8 +241,16 @@ class TrainRunLogger:
         keep = ("dataset_hash", "family", "git_commit", "dvc_stage", REPRO_TAG, GENERATOR_SHA_TAG, "ray.run_name")
         tags = {k: run.data.tags[k] for k in keep if k in run.data.tags}
         tags["train_run_id"] = self.run_id
+        title = (f"EMA generator of {tags.get('family', '?')} run {tags.get('ray.run_name', self.run_id)}, "
+                 f"trained on dataset {tags.get('dataset_hash', '?')[:12]}")
         version = client.create_model_version(
             name, source=info.model_uri, run_id=self.run_id, tags=tags, model_id=getattr(info, "model_id", None),
-            description=(f"EMA generator of {tags.get('family', '?')} run {tags.get('ray.run_name', self.run_id)}, "
-                         f"trained on dataset {tags.get('dataset_hash', '?')[:12]}"))
-        client.set_tag(self.run_id, MODEL_VERSION_TAG, f"{name}/{version.version}")
+            description=title)
+        model_version = f"{name}/{version.version}"
+        client.set_tag(self.run_id, MODEL_VERSION_TAG, model_version)
+        client.update_model_version(name, version.version,
+                                    description=lineage_note(title, {**tags, MODEL_VERSION_TAG: model_version}))
+
+    def _note(self, tags: dict[str, str]) -> str:
+        """The run's description: what it trained, then its lineage tags."""
+        return lineage_note(f"**training** of {tags.get('family', '?')}, run {tags.get('ray.run_name', '?')}", tags)

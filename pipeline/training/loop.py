@@ -28,7 +28,7 @@ from pipeline.training.batches import BatchSource
 from pipeline.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from pipeline.training.ema import make_ema, update_ema
 from pipeline.training.flops import CountFlops
-from pipeline.training.grid import save_grid
+from pipeline.training.grid import sample_grid_text, save_grid
 from pipeline.training.schedule import LRSchedule, linear_decay_factor
 from pipeline.training.step import AdversarialStep, StepConfig
 
@@ -276,6 +276,10 @@ class Trainer:
             self.family.set_progress(self.nimg, self.total_nimg)
             return self.family.sample(self.sample_batch, self.ema)
 
+    def _grid_text(self) -> dict:
+        title, columns = sample_grid_text(self.job.family, self.nimg, self.sample_batch, list(self.spec.classes))
+        return {"title": title, "columns": columns}
+
     def _export(self) -> dict:
         return {"format": 1, "family": self.job.family, "config": self.job.resolved_config(),
                 "spec": self.spec.to_dict(),
@@ -288,7 +292,7 @@ class Trainer:
         with atomic_dir(self.job.out_dir) as tmp:
             torch.save(self._export(), tmp / EXPORT_FILE)
             save_checkpoint(self.state_dict(rank_states), tmp)
-            save_grid(self._sample_rows(), tmp / "samples.png")
+            save_grid(self._sample_rows(), tmp / "samples.png", **self._grid_text())
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             plot_loss_curves(self.history, tmp / "loss_curves.png", title=self.job.family)
 
@@ -361,7 +365,8 @@ class Trainer:
         ckpt_dir = grid_path = None
         work = Path(self.job.work_dir)
         if self.rank == 0:
-            grid_path = save_grid(self._sample_rows(), work / "samples" / f"grid-{self.nimg:09d}.png")
+            grid_path = save_grid(self._sample_rows(), work / "samples" / f"grid-{self.nimg:09d}.png",
+                                  **self._grid_text())
         rank_states = self.gather_rank_states()
         if self.rank == 0:
             ckpt_dir = work / "checkpoints" / f"checkpoint-{self.nimg:09d}"
