@@ -471,7 +471,7 @@ def test_a_training_stage_prints_its_two_lines_and_progress_only(workspace, tmp_
     assert len(own) == 2, lines
     assert own[0] == f"▶ train@{FAMILY}  {FAMILY}, 0.08 kimg on 1 Ray Train worker(s)"
     assert own[1].startswith(f"✓ train@{FAMILY}  0.08 kimg, ") and "local Ray" in own[1]
-    assert json.loads((tmp_path / "headline.json").read_text()).keys() == {"kimg", "img_per_s", "D_loss", "G_loss"}
+    assert json.loads((tmp_path / "headline.json").read_text()).keys() == {"kimg", "D_loss", "G_loss"}
     assert (out / "loss_curves.tsv").read_text().splitlines()[0].startswith("kimg\tD/")
 
     verbose = run_cli(["--verbose", "train", "--stage", FAMILY, "--params", str(params),
