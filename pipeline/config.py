@@ -602,6 +602,10 @@ class DownstreamParams:
     segmenter: bool = True
     segmenter_width: int = 8            # channels of the U-Net's first level (x2 per level down)
     segmenter_batch_size: int = 16      # a U-Net step costs ~4x a classifier step at 32 px: half the batch
+    # The segmenter's step cap (the rest of its stopping rule is the classifier's): on the default
+    # data 74 of 80 segmenters found their best weights by step 400 and the cap at 300 cost 0.015
+    # pixel AP on average, for 17 % fewer U-Net steps (the DAG's 15-minute budget on 2 cores).
+    segmenter_max_steps: int = 300
     segmenter_lr: float = 3e-3
     # DRAEM-style baseline (draem.py): Perlin-noise masks filled with texture from another normal
     # training image ("normals") or a built-in procedural texture ("procedural"); nothing downloaded.
@@ -625,6 +629,8 @@ class DownstreamParams:
         require(0 < self.ci_level < 1, f"{where}.ci_level", f"must be in (0, 1), got {self.ci_level}.")
         require(self.workers >= 0, f"{where}.workers", f"must be 0 (one per core) or more, got {self.workers}.")
         positive(self, where, "segmenter_width", "segmenter_lr", "segmenter_batch_size")
+        require(self.min_steps <= self.segmenter_max_steps, f"{where}.segmenter_max_steps",
+                f"must be at least min_steps ({self.min_steps}), got {self.segmenter_max_steps}.")
         require(len(self.draem_area) == 2 and 0 < self.draem_area[0] <= self.draem_area[1] < 1,
                 f"{where}.draem_area", f"must be [min, max] with 0 < min <= max < 1 (fractions of the image), "
                 f"got {self.draem_area}.")

@@ -110,7 +110,7 @@ def tracking_calls(monkeypatch):
 
 
 TINY = dict(seeds=[0, 1], shots=[2, 4], batch_size=16, lr=3e-3, synthetic_per_class=4, width=8,
-            eval_every=5, patience=2, min_steps=10, max_steps=30, workers=1)
+            eval_every=5, patience=2, min_steps=10, max_steps=30, segmenter_max_steps=30, workers=1)
 
 
 # --------------------------------------------------------------------------- scores and intervals

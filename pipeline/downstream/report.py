@@ -227,7 +227,9 @@ def verdict_sentence(metrics: dict, shots: list[int], conditions: list[str], nam
                 versus.append(f"{word} copy-paste at {s} shots ({metrics[f'{key}_mean']:+.3f} "
                               f"[{metrics.get(f'{key}_ci_low', math.nan):+.3f}, {metrics.get(f'{key}_ci_high', math.nan):+.3f}])")
         text = f"`{c}` {_joined_verdicts(per_shot)} against real data alone"
-        parts.append(text + ("; " + ", ".join(versus) if versus else "; copy-paste did not run") + ".")
+        degenerate = any(v == "degenerate" for _, v in per_shot)
+        missing = "not compared with copy-paste (a degenerate classifier)" if degenerate else "copy-paste did not run"
+        parts.append(text + "; " + (", ".join(versus) if versus else missing) + ".")
     return " ".join(parts)
 
 

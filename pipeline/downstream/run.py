@@ -240,8 +240,9 @@ def _run_segmenter(task: Task, ev: dict[str, Any], st: dict[str, Any]) -> dict[s
         return {"scores": {**{k: nan for k in SEGMENT_SCORES}, **{f"iou_{c}": nan for c in ev["classes"][1:]},
                            "degenerate": False, "skipped": "no defect pixel in the training masks"},
                 "threshold": nan, "log": SegTrainLog()}
+    stop = dataclasses.replace(st["stop"], max_steps=st["segmenter_max_steps"])
     model, train_log = train_segmenter(task.images, task.masks, task.labels, val_images=ev["val_images"],
-                                       val_masks=ev["val_masks"], stop=st["stop"], batch_size=st["segmenter_batch_size"],
+                                       val_masks=ev["val_masks"], stop=stop, batch_size=st["segmenter_batch_size"],
                                        lr=st["segmenter_lr"], seed=task.seed, width=st["segmenter_width"],
                                        augment=strong_classical_joint if task.classical else None,
                                        precision=st["precision"])
@@ -468,7 +469,8 @@ def run_downstream(params, prepared_dir: Path, synthetic_root: Path, out_dir: Pa
     settings = {"stop": StopRule(params.eval_every, params.patience, params.min_steps, params.max_steps),
                 "batch_size": params.batch_size, "lr": params.lr, "width": params.width,
                 "precision": params.precision, "segmenter_lr": params.segmenter_lr,
-                "segmenter_width": params.segmenter_width, "segmenter_batch_size": params.segmenter_batch_size}
+                "segmenter_width": params.segmenter_width, "segmenter_batch_size": params.segmenter_batch_size,
+                "segmenter_max_steps": params.segmenter_max_steps}
     workers = min(params.workers or default_workers(), len(tasks))
     results: dict[tuple, dict] = {}
     with TaskRunner(eval_sets, settings, workers, len(tasks) + later) as runner:
