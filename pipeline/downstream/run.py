@@ -512,7 +512,7 @@ def run_downstream(params, prepared_dir: Path, synthetic_root: Path, out_dir: Pa
                                           params.ci_level))
     write_outputs(out_dir, metrics, runs, notes, conditions, info, params, prepared_dir, synthetic_root,
                   evaluate_dir if evaluate_dir is not None else out_dir / "evaluate", test, val, workers,
-                  seg_conditions)
+                  seg_conditions, seg_eval)
     return metrics
 
 
@@ -562,7 +562,7 @@ def build_segment_conditions(synth: dict[str, SyntheticSet], copy_paste_ok: bool
     else:
         notes.append("segmenter: no normal training image, so the DRAEM-style baseline was not run.")
     for model, s in synth.items():
-        if not s.masks.reshape(len(s), -1).any(axis=1).any():
+        if not s.masks.any():
             notes.append(f"segmenter: {model}'s samples carry no mask (it draws whole images), so it has no "
                          "segmentation condition.")
             continue
@@ -719,7 +719,7 @@ def majority_baseline(test_labels: np.ndarray, num_classes: int) -> dict[str, fl
 def write_outputs(out_dir: Path, metrics: dict, runs: list[dict], notes: list[str], conditions: list[Condition],
                   info: PreparedInfo, params, prepared_dir: Path, synthetic_root: Path, evaluate_dir: Path,
                   test: ImageSet, val: ImageSet, workers: int,
-                  seg_conditions: Optional[list[Condition]] = None) -> None:
+                  seg_conditions: Optional[list[Condition]] = None, seg_eval: Optional[dict] = None) -> None:
     from pipeline.config import to_dict
     from pipeline.downstream import report
 
@@ -731,8 +731,7 @@ def write_outputs(out_dir: Path, metrics: dict, runs: list[dict], notes: list[st
                "conditions": {c.name: c.description for c in conditions},
                "synthetic_models": [c.model for c in conditions if c.added == "synthetic" and not c.classical],
                "segment_conditions": {c.name: c.description for c in seg_conditions or []},
-               "segment_test_per_class": (np.bincount(test.labels[test.known_masks()], minlength=num_classes).tolist()
-                                          if seg_conditions else []),
+               "segment_test_per_class": seg_eval["test_per_class"] if seg_eval is not None else [],
                "notes": notes, "runs": runs}
     # The four outputs share reports/ with the evaluate stage's folder: replaced together.
     with atomic_entries(out_dir, "downstream") as staging:
